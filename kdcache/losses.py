@@ -1,0 +1,263 @@
+"""What the student optimises: CE, sparse forward KL against cached top-k targets, relation cosine.
+
+Pure torch, float32 inside (half/bf16 inputs are upcast; autocast is switched off around the
+LM head). The LLaVA-KD objective (arXiv 2410.16236, DESIGN section 5):
+
+    L = L_reg + alpha L_res + beta L_vis + gamma L_rel
+
+* `L_reg`: next-token cross-entropy over the response rows;
+* `L_res`, `L_vis` (MDist): forward KL(p_teacher || q_student) per row against the cached
+  top-k, over response rows and visual rows;
+* `L_rel` (RDist): `1 - cos(vec R_s, vec R_t)` per sample with an image, where `R = Y Yᵀ` is the
+  Gram matrix of the visual-row logits, computed as `H (WᵀW) Hᵀ` so the logits never exist.
+
+Logits are only ever computed for the rows that need them, `chunk_rows` at a time, each chunk
+recomputed in backward (`row_losses`), so the student never holds a (B, T, V) float32 tensor.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from kdcache.targets import (compute_dtype, gram_matrix, relation_from_hidden, unpack_upper, upcast,
+                             visual_len_of_packed)
+
+TAILS = ("bucket", "renorm")
+LOSS_NORMS = ("token", "sample")
+NO_TAIL = 1e-6   # teacher tail mass below this is float16 rounding of the stored log-probs, not signal
+
+
+# --- per-row KL
+
+
+def sparse_kl(student_logits: Tensor, topk_ids: Tensor, topk_logprobs: Tensor, *, temperature: float = 1.0,
+              tail: str = "bucket") -> Tensor:
+    """Forward KL(p || q) per row from the teacher's cached top-k, with `q = log_softmax(z / T)`.
+
+    tail="bucket" (default), a proper KL over the k + 1 outcomes {top-k ids, everything else}:
+
+        KL = sum_j p_j (log p_j - log q_j) + p_tail (log p_tail - log q_tail)
+        p_tail = 1 - sum_j p_j,   q_tail = 1 - sum_j q_j = sum_{i not in top-k} q_i
+
+    `log q_tail` is the log-sum-exp of the student's logits outside the top-k minus the full
+    log-sum-exp: exact even when q_tail is below float32 resolution of `1 - sum q_j` (then the
+    `log1p(-sum exp q_j)` form returns -inf or noise). Rows with `p_tail <= NO_TAIL` get no tail
+    term. With k = V this equals the dense KL.
+
+    tail="renorm": both sides renormalised over the top-k, `p'_j = p_j / sum p`, `q'_j = q_j / sum q`,
+    `KL = sum_j p'_j (log p'_j - log q'_j)`.
+
+    student_logits (N, V) any float dtype (raw, before temperature); topk_ids (N, K) int64, unique
+    per row, < V; topk_logprobs (N, K) the teacher's log-probs at the same temperature T (float16
+    from a cache is fine; -inf entries count as p_j = 0) -> (N,) float32, >= 0 up to rounding.
+    No T² factor. N = 0 gives an empty (0,) tensor.
+    """
+    if tail not in TAILS:
+        raise ValueError(f"tail must be one of {TAILS}, got {tail!r}")
+    z = upcast(student_logits) / temperature                                # (N, V) float32
+    log_p = topk_logprobs.to(z.dtype)                                        # (N, K)
+    if tail == "renorm":
+        z_k = z.gather(-1, topk_ids)                                         # (N, K)
+        log_p = log_p - torch.logsumexp(log_p, dim=-1, keepdim=True)
+        return _topk_kl(log_p, z_k - torch.logsumexp(z_k, dim=-1, keepdim=True))
+    lse = torch.logsumexp(z, dim=-1, keepdim=True)                           # (N, 1)
+    kl = _topk_kl(log_p, z.gather(-1, topk_ids) - lse)                       # (N,)
+    log_q_tail, has_outside = _log_tail(z, topk_ids, lse.squeeze(-1))        # (N,), (N,)
+    p_tail = 1.0 - log_p.exp().sum(-1)                                       # (N,)
+    has_tail = (p_tail > NO_TAIL) & has_outside
+    p_tail = torch.where(has_tail, p_tail, 0.0)
+    log_p_tail = torch.log(torch.where(has_tail, p_tail, 1.0))
+    return kl + p_tail * (log_p_tail - log_q_tail)
+
+
+def _topk_kl(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """`sum_j p_j (log p_j - log q_j)` over (N, K) -> (N,); entries with p_j = 0 (log p_j = -inf) add 0, not NaN."""
+    p = log_p.exp()
+    return torch.where(p > 0, p * (log_p - log_q), 0.0).sum(-1)
+
+
+def _log_tail(z: Tensor, topk_ids: Tensor, lse: Tensor) -> tuple[Tensor, Tensor]:
+    """`log q_tail` = logsumexp of z outside the top-k minus `lse` (N,), and whether anything is outside.
+
+    The top-k is masked with the most negative finite value, not -inf, so that a row whose top-k
+    covers the whole vocabulary still gives a finite value and a NaN-free backward through
+    logsumexp; such a row has no tail outcome (`has_outside` False), whatever float16 rounding
+    left in the teacher's p_tail.
+    """
+    lowest = torch.finfo(z.dtype).min
+    outside = torch.logsumexp(z.scatter(-1, topk_ids, lowest), dim=-1)      # (N,)
+    return outside - lse, outside > lowest / 2
+
+
+def dense_kl(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0) -> Tensor:
+    """Full-vocabulary forward KL(p || q) per row: the reference for `sparse_kl` and the online-KD path.
+
+        KL = sum_i p_i (log p_i - log q_i),  p = softmax(t / T),  q = softmax(z / T)
+
+    student_logits (N, V), teacher_logits (N, V) any float dtype -> (N,) float32. No T² factor.
+    """
+    log_q = F.log_softmax(upcast(student_logits) / temperature, dim=-1)     # (N, V)
+    log_p = F.log_softmax(upcast(teacher_logits).to(log_q.dtype) / temperature, dim=-1)
+    return F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1)
+
+
+# --- relation
+
+
+def student_relation(hidden_visual: Tensor, gram: Tensor) -> Tensor:
+    """The student's visual-logit Gram matrices `R_s = H_s (W_sᵀ W_s) H_sᵀ = Y_s Y_sᵀ`.
+
+    hidden_visual (S, L, D) any float dtype, gram (D, D) = `gram_matrix(W_s)` -> (S, L, L) float32,
+    differentiable in both.
+    """
+    return relation_from_hidden(hidden_visual, gram)
+
+
+def relation_loss(student_relation: Tensor, teacher_packed: Tensor) -> Tensor:
+    """RDist per sample: `L_rel = 1 - cos(vec R_s, vec R_t)` over the FULL symmetric L x L matrices.
+
+    student_relation (S, L, L) float; teacher_packed (S, L (L + 1) / 2), the cached upper triangle
+    (any scale: the cache stores R_t / ||R_t||_F) -> (S,) float32 in [0, 2]. The teacher is
+    unpacked rather than compared packed, so every off-diagonal entry counts twice, as in the
+    paper. The student matrix is divided by its (detached) max |entry| first: cosine ignores
+    scale, and raw Gram entries (~V x logit²) would overflow float32 when squared and summed.
+    S = 0 gives an empty (0,) tensor; an all-zero matrix gives cos = 0, not NaN.
+    """
+    visual_len = student_relation.shape[-1]
+    teacher = unpack_upper(upcast(teacher_packed), visual_len)               # (S, L, L)
+    student = upcast(student_relation)                                       # (S, L, L)
+    scale = student.detach().abs().amax(dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(student.dtype).tiny)
+    cos = F.cosine_similarity((student / scale).flatten(1), teacher.to(student.dtype).flatten(1), dim=-1, eps=1e-12)
+    return 1.0 - cos
+
+
+# --- chunked row losses
+
+
+def _chunk_losses(hidden: Tensor, lm_head_weight: Tensor, labels: Tensor | None, topk_ids: Tensor | None,
+                  topk_logprobs: Tensor | None, *, temperature: float, tail: str):
+    """CE and sparse KL of one chunk of rows; the only place where (n, V) logits exist."""
+    dtype = compute_dtype(hidden, lm_head_weight)
+    with torch.autocast(hidden.device.type, enabled=False):
+        logits = hidden.to(dtype) @ lm_head_weight.to(dtype).T               # (n, V) float32
+    ce = F.cross_entropy(logits, labels, reduction="none") if labels is not None else None
+    kl = (sparse_kl(logits, topk_ids, topk_logprobs, temperature=temperature, tail=tail)
+          if topk_ids is not None else None)
+    return ce, kl
+
+
+def row_losses(hidden: Tensor, lm_head_weight: Tensor, *, labels: Tensor | None = None,
+               topk_ids: Tensor | None = None, topk_logprobs: Tensor | None = None, temperature: float = 1.0,
+               tail: str = "bucket", chunk_rows: int = 512) -> tuple[Tensor | None, Tensor | None]:
+    """Per-row CE (T = 1) and sparse KL (temperature T) of `logits = hidden Wᵀ`, chunked.
+
+    hidden (N, D), lm_head_weight (V, D) any float dtype; labels (N,) int64 or None; topk_ids,
+    topk_logprobs (N, K) or both None -> (ce (N,) float32 or None, kl (N,) float32 or None).
+    Logits are computed `chunk_rows` rows at a time under activation checkpointing, so forward
+    keeps no logits and backward recomputes one chunk at a time: peak memory is a few
+    (chunk_rows, V) float32 buffers, whatever N. Values and gradients equal the unchunked ones.
+    N = 0 gives empty (0,) tensors that are still attached to the graph (their sum has a grad).
+    """
+    if (topk_ids is None) != (topk_logprobs is None):
+        raise ValueError("topk_ids and topk_logprobs must be given together")
+    if labels is None and topk_ids is None:
+        return None, None
+    fn = functools.partial(_chunk_losses, temperature=temperature, tail=tail)
+    recompute = torch.is_grad_enabled() and (hidden.requires_grad or lm_head_weight.requires_grad)
+    ce_parts, kl_parts = [], []
+    for start in range(0, max(hidden.shape[0], 1), chunk_rows):             # N = 0: one empty chunk
+        rows = slice(start, start + chunk_rows)
+        args = (hidden[rows], lm_head_weight, None if labels is None else labels[rows],
+                None if topk_ids is None else topk_ids[rows], None if topk_ids is None else topk_logprobs[rows])
+        ce, kl = checkpoint(fn, *args, use_reentrant=False) if recompute else fn(*args)
+        ce_parts.append(ce)
+        kl_parts.append(kl)
+    return (None if labels is None else torch.cat(ce_parts),
+            None if topk_ids is None else torch.cat(kl_parts))
+
+
+# --- the batch loss
+
+
+def _reduce(values: Tensor, sample_of_row: Tensor, loss_norm: str, batch_size: int) -> Tensor:
+    """Mean of per-row `values` (N,): over all rows ("token"), or of per-sample means ("sample").
+
+    sample_of_row (N,) int64 in [0, B). Samples without rows do not count; N = 0 gives 0.0.
+    """
+    if loss_norm == "token":
+        return values.sum() / max(values.shape[0], 1)
+    sums = values.new_zeros(batch_size).index_add(0, sample_of_row, values)              # (B,)
+    counts = torch.bincount(sample_of_row, minlength=batch_size).to(values.dtype)       # (B,)
+    present = counts > 0
+    return (sums[present] / counts[present]).sum() / present.sum().clamp_min(1)
+
+
+def _relation_term(hidden: Tensor, lm_head_weight: Tensor, batch: dict, gram: Tensor | None) -> Tensor:
+    """Mean RDist over the batch rows in `relation_index`; hidden (B, T, D) -> scalar float32."""
+    rows = batch["relation_index"]                                           # (S,)
+    starts = batch["relation_visual_start"]                                  # (S,)
+    teacher = batch["relation_upper"]                                        # (S, P)
+    visual_len = visual_len_of_packed(teacher.shape[-1])
+    too_long = starts + visual_len > hidden.shape[1]
+    if bool(too_long.any()):
+        b = int(rows[too_long.nonzero()[0, 0]])
+        sample = batch.get("sample_id", [None] * hidden.shape[0])[b]
+        raise ValueError(f"sample {sample!r}: relation of visual_len={visual_len} does not fit the sequence")
+    positions = starts[:, None] + torch.arange(visual_len, device=starts.device)   # (S, L)
+    hidden_visual = hidden[rows[:, None], positions]                         # (S, L, D)
+    if gram is None:
+        gram = gram_matrix(lm_head_weight)                                   # (D, D) with grad in W
+    return relation_loss(student_relation(hidden_visual, gram), teacher).mean()
+
+
+def distill_loss(hidden: Tensor, lm_head_weight: Tensor, batch: dict, *, alpha: float = 1.0, beta: float = 1.0,
+                 gamma: float = 0.5, temperature_response: float = 1.0, temperature_visual: float = 1.0,
+                 tail: str = "bucket", loss_norm: str = "token", chunk_rows: int = 512,
+                 gram: Tensor | None = None) -> dict[str, Tensor]:
+    """The LLaVA-KD loss of one batch: `L = L_reg + alpha L_res + beta L_vis + gamma L_rel`.
+
+    hidden (B, T, D) final (post-norm) student hidden states, any float dtype; lm_head_weight
+    (V, D); batch: the collate dict of docs/interfaces.md, CE-only without `response_topk_ids`.
+    `gram` = WᵀW may be passed when W is frozen; otherwise it is computed here, with grad.
+
+    loss_norm="token" averages CE and each KL over all rows of the batch; "sample" averages
+    each sample's mean over its rows (samples without such rows left out). L_rel is a mean over
+    the samples in `relation_index`. A term whose weight is 0, or whose targets are absent, is
+    not computed and reported as 0.0; a term over an empty set is 0.0, never NaN.
+
+    Returns {"loss", "ce", "kl_response", "kl_visual", "relation"}: 0-dim float32 tensors;
+    `loss` carries the graph, the components are detached (for logging).
+    """
+    if tail not in TAILS or loss_norm not in LOSS_NORMS:
+        raise ValueError(f"tail must be in {TAILS} and loss_norm in {LOSS_NORMS}, got {tail!r}, {loss_norm!r}")
+    batch_size = hidden.shape[0]
+    zero = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    distil = "response_topk_ids" in batch
+    terms = {"ce": zero, "kl_response": zero, "kl_visual": zero, "relation": zero}
+
+    r_index = batch["response_index"]                                        # (N_r, 2) [b, t]
+    with_kl = distil and alpha != 0
+    ce, kl = row_losses(hidden[r_index[:, 0], r_index[:, 1]], lm_head_weight, labels=batch["response_labels"],
+                        topk_ids=batch["response_topk_ids"] if with_kl else None,
+                        topk_logprobs=batch["response_topk_logprobs"] if with_kl else None,
+                        temperature=temperature_response, tail=tail, chunk_rows=chunk_rows)
+    terms["ce"] = _reduce(ce, r_index[:, 0], loss_norm, batch_size)
+    if with_kl:
+        terms["kl_response"] = _reduce(kl, r_index[:, 0], loss_norm, batch_size)
+    if distil and beta != 0:
+        v_index = batch["visual_index"]                                      # (N_v, 2) [b, t]
+        _, kl = row_losses(hidden[v_index[:, 0], v_index[:, 1]], lm_head_weight,
+                           topk_ids=batch["visual_topk_ids"], topk_logprobs=batch["visual_topk_logprobs"],
+                           temperature=temperature_visual, tail=tail, chunk_rows=chunk_rows)
+        terms["kl_visual"] = _reduce(kl, v_index[:, 0], loss_norm, batch_size)
+    relation_index = batch.get("relation_index")                             # (S,) or absent
+    if distil and gamma != 0 and relation_index is not None and relation_index.numel() > 0:
+        terms["relation"] = _relation_term(hidden, lm_head_weight, batch, gram)
+
+    loss = terms["ce"] + alpha * terms["kl_response"] + beta * terms["kl_visual"] + gamma * terms["relation"]
+    return {"loss": loss, **{name: value.detach() for name, value in terms.items()}}

@@ -1,0 +1,335 @@
+"""Cache reader: the training side of the cache (DESIGN §4, §8).
+
+`CacheReader` gives random access to the samples of a finished cache, local or behind an fsspec
+URL; `verify_cache` lists every fault it can find; `describe_cache` is the `kdcache inspect`
+summary. A cache from elsewhere is untrusted input: the manifest's format and version are checked
+first, shard paths must stay inside the cache, shards must match the schema, checksums are
+verified on request, and nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections import OrderedDict
+
+import numpy as np
+import pyarrow as pa
+
+from kdcache import schema
+from kdcache.encoding import DecodedBatch
+from kdcache.errors import CacheError, KdcacheError
+
+
+class CacheLocation:
+    """A cache directory: a local path (or file:// URL), or any other fsspec URL (imported lazily)."""
+
+    def __init__(self, cache):
+        self.name = os.fspath(cache)
+        self.fs = None
+        if "://" in self.name and not self.name.startswith("file://"):
+            try:
+                import fsspec
+            except ImportError as e:
+                raise KdcacheError(f"reading {self.name} needs fsspec: pip install 'kdcache[s3]' (or fsspec)") from e
+            self.fs, root = fsspec.core.url_to_fs(self.name)
+            self.root = root.rstrip("/")
+        else:
+            self.root = self.name.removeprefix("file://")
+
+    def path(self, relative: str) -> str:
+        return os.path.join(self.root, relative) if self.fs is None else f"{self.root}/{relative}"
+
+    def where(self, relative: str) -> str:
+        """How errors name a file of the cache."""
+        return f"{self.name.rstrip('/')}/{relative}"
+
+    def exists(self, relative: str) -> bool:
+        return os.path.exists(self.path(relative)) if self.fs is None else self.fs.exists(self.path(relative))
+
+    def size(self, relative: str) -> int:
+        return os.path.getsize(self.path(relative)) if self.fs is None else int(self.fs.size(self.path(relative)))
+
+    def open(self, relative: str):
+        return open(self.path(relative), "rb") if self.fs is None else self.fs.open(self.path(relative), "rb")
+
+    def arrow_source(self, relative: str):
+        """Local: a memory map (pages are read on demand). Remote: the whole shard, read once."""
+        if self.fs is None:
+            return pa.memory_map(self.path(relative), "r")
+        return pa.py_buffer(self.fs.cat_file(self.path(relative)))
+
+    def path_fault(self, relative: object) -> str | None:
+        """Why a manifest's shard path is unsafe, or None: it must be relative, stay inside the cache,
+        and (locally) not resolve outside it through a symlink."""
+        if not isinstance(relative, str) or not relative:
+            return f"{self.name}: shard path {relative!r} is not a non-empty string"
+        if relative.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", relative) or "://" in relative:
+            return f"{self.name}: shard path {relative!r} is absolute; shard paths must be relative to the cache"
+        if "\\" in relative or any(part in ("", ".", "..") for part in relative.split("/")):
+            return f"{self.name}: shard path {relative!r} escapes or is not normalised within the cache directory"
+        if self.fs is None:
+            root = os.path.realpath(self.root)
+            if os.path.commonpath([root, os.path.realpath(self.path(relative))]) != root:
+                return f"{self.name}: shard path {relative!r} resolves outside the cache directory (symlink)"
+        return None
+
+    def bytes_fault(self, entry: dict) -> str | None:
+        """Presence, size, then sha256 of a shard against its manifest entry; None when all match."""
+        where = self.where(entry["path"])
+        if not self.exists(entry["path"]):
+            return f"{where}: shard is missing"
+        size = self.size(entry["path"])
+        if size != entry["num_bytes"]:
+            return f"{where}: shard is {size} bytes, the manifest says {entry['num_bytes']}"
+        digest = hashlib.sha256()
+        with self.open(entry["path"]) as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+        if digest.hexdigest() != entry["sha256"]:
+            return (f"{where}: sha256 {digest.hexdigest()} does not match the manifest's {entry['sha256']} "
+                    "(corrupt shard)")
+        return None
+
+
+def load_manifest(location: CacheLocation) -> dict:
+    """The parsed manifest.json, unchecked; CacheError if it is missing or not JSON."""
+    if not location.exists(schema.MANIFEST_NAME):
+        raise CacheError(f"{location.name}: no {schema.MANIFEST_NAME}; not a finished kdcache cache "
+                         "(a dump that is still running or was killed has none yet: rerun it to finish)")
+    try:
+        with location.open(schema.MANIFEST_NAME) as f:
+            return json.loads(f.read())
+    except (OSError, ValueError) as e:
+        raise CacheError(f"{location.where(schema.MANIFEST_NAME)}: unreadable manifest ({e})") from e
+
+
+def _open_shard(source, where: str, expected: pa.Schema) -> tuple[pa.ipc.RecordBatchFileReader, np.ndarray, list]:
+    """Open a shard and read its sample ids; (reader, batch_starts (num_batches + 1,), sample ids)."""
+    try:
+        reader = pa.ipc.open_file(source, options=pa.ipc.IpcReadOptions(use_threads=False))
+        if not reader.schema.equals(expected, check_metadata=False):
+            raise CacheError(f"{where}: shard schema does not match the cache's format:\n"
+                             f"  expected {expected.remove_metadata()}\n  found    {reader.schema.remove_metadata()}")
+        # only the sample_id column is decompressed to count rows
+        ids_only = pa.ipc.open_file(source, options=pa.ipc.IpcReadOptions(included_fields=[0], use_threads=False))
+        ids = [ids_only.get_batch(b).column(0) for b in range(ids_only.num_record_batches)]
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise CacheError(f"{where}: not a readable Arrow IPC shard ({e})") from e
+    return reader, np.cumsum([0] + [len(column) for column in ids]), [i for c in ids for i in c.to_pylist()]
+
+
+class CacheReader:
+    """Random access to the samples of a finished cache.
+
+    `cache` is a local directory or an fsspec URL. Refuses a missing manifest, another format, an
+    unknown `format_version`, unsafe shard paths and shards whose schema or row count disagrees
+    with the manifest; with `verify=True` every shard's size and sha256 are checked first. Shards are
+    opened lazily (a small LRU of `max_open_shards`), so a reader is cheap to construct and to send
+    to DataLoader workers: pickling it drops the open shards.
+    """
+
+    def __init__(self, cache, *, verify: bool = False, max_open_shards: int = 4):
+        self._location = CacheLocation(cache)
+        self.cache = self._location.name
+        self.manifest: dict = load_manifest(self._location)
+        schema.check_manifest(self.manifest, self.cache)
+        self.shards: list[dict] = self.manifest["shards"]
+        for entry in self.shards:
+            fault = self._location.path_fault(entry["path"])
+            if fault:
+                raise CacheError(fault)
+        self.k_response = self.manifest["topk"]["response"]
+        self.k_visual = self.manifest["topk"]["visual"]
+        self.schema = schema.shard_schema(self.k_response, self.k_visual)
+        self._starts = np.cumsum([0] + [entry["num_samples"] for entry in self.shards])   # (S + 1,)
+        if self._starts[-1] != self.manifest["num_samples"]:
+            raise CacheError(f"{self.cache}: manifest num_samples {self.manifest['num_samples']} differs from the "
+                             f"sum over its shards ({self._starts[-1]})")
+        if verify:
+            for entry in self.shards:
+                fault = self._location.bytes_fault(entry)
+                if fault:
+                    raise CacheError(fault)
+        self.max_open_shards = max_open_shards
+        self._open: OrderedDict[int, _ShardState] = OrderedDict()
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_open"] = OrderedDict()     # memory maps and decoded batches stay in this process
+        return state
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """(shard index, row within that shard) of global sample `index`."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"sample index {index} out of range for a cache of {len(self)} samples")
+        shard = int(np.searchsorted(self._starts, index, side="right")) - 1
+        return shard, int(index - self._starts[shard])
+
+    def read_sample(self, index: int) -> dict:
+        """One sample as writable numpy arrays (copies), keys as the columns:
+
+        sample_id str; input_ids (T,) int32; response_rows (R,) int32; visual_start, visual_len int;
+        image bytes | None; image_sha256 bytes | None; response_topk_ids (R, K_r) int32;
+        response_topk_logprobs (R, K_r) float16; visual_topk_ids (L, K_v) int32;
+        visual_topk_logprobs (L, K_v) float16; relation (L * (L + 1) / 2,) float16 | None;
+        relation_norm float | None.
+        """
+        shard, row = self.locate(index)
+        state = self._shard(shard)
+        batch = int(np.searchsorted(state.batch_starts, row, side="right")) - 1
+        return state.decoded(batch).sample(row - int(state.batch_starts[batch]))
+
+    def __iter__(self):
+        for index in range(len(self)):
+            yield self.read_sample(index)
+
+    def close(self) -> None:
+        self._open.clear()
+
+    def _shard(self, shard: int) -> _ShardState:
+        if shard in self._open:
+            self._open.move_to_end(shard)
+            return self._open[shard]
+        entry = self.shards[shard]
+        where = self._location.where(entry["path"])
+        try:
+            source = self._location.arrow_source(entry["path"])
+        except (OSError, pa.ArrowException) as e:
+            raise CacheError(f"{where}: cannot open shard ({e})") from e
+        reader, batch_starts, _ = _open_shard(source, where, self.schema)
+        if batch_starts[-1] != entry["num_samples"]:
+            raise CacheError(f"{where}: shard holds {batch_starts[-1]} samples, "
+                             f"the manifest says {entry['num_samples']}")
+        self._open[shard] = _ShardState(reader, batch_starts, where)
+        while len(self._open) > self.max_open_shards:
+            self._open.popitem(last=False)
+        return self._open[shard]
+
+
+class _ShardState:
+    """An open shard and its most recently decoded record batch (sequential reads decode each batch once)."""
+
+    def __init__(self, reader: pa.ipc.RecordBatchFileReader, batch_starts: np.ndarray, where: str):
+        self.reader, self.batch_starts, self.where = reader, batch_starts, where
+        self._batch: tuple[int, DecodedBatch] | None = None
+
+    def decoded(self, batch: int) -> DecodedBatch:
+        if self._batch is None or self._batch[0] != batch:
+            try:
+                record_batch = self.reader.get_batch(batch)
+            except (pa.ArrowException, OSError) as e:
+                raise CacheError(f"{self.where}: cannot read record batch {batch} ({e})") from e
+            self._batch = (batch, DecodedBatch(record_batch, self.where))
+        return self._batch[1]
+
+
+# --- verify and describe
+
+
+def verify_cache(cache) -> list[str]:
+    """Every fault found in a cache, each naming its file; an empty list means the cache is sound.
+
+    Checks the manifest's format, version and keys, then per shard: path safety, presence, byte
+    size, sha256, schema, row count; then that sample ids are unique and the counts add up.
+    """
+    try:
+        location = CacheLocation(cache)
+        manifest = load_manifest(location)
+    except KdcacheError as e:
+        return [str(e)]
+    except (OSError, ValueError) as e:        # e.g. an fsspec URL with an unknown protocol
+        return [f"{cache}: cannot open cache ({e})"]
+    faults = schema.manifest_faults(manifest, location.name)
+    if faults:
+        return faults
+    expected = schema.shard_schema(manifest["topk"]["response"], manifest["topk"]["visual"])
+    owner: dict[str, str] = {}
+    for entry in manifest["shards"]:
+        faults += _shard_faults(location, entry, expected, owner)
+    total = sum(entry["num_samples"] for entry in manifest["shards"])
+    if total != manifest["num_samples"]:
+        faults.append(f"{location.where(schema.MANIFEST_NAME)}: num_samples is {manifest['num_samples']} "
+                      f"but its shards hold {total}")
+    return faults
+
+
+def _shard_faults(location: CacheLocation, entry: dict, expected: pa.Schema, owner: dict[str, str]) -> list[str]:
+    fault = location.path_fault(entry["path"])
+    if fault:
+        return [fault]
+    where = location.where(entry["path"])
+    try:
+        fault = location.bytes_fault(entry)
+        if fault:
+            return [fault]                 # known corrupt: do not parse it further
+        _, _, ids = _open_shard(location.arrow_source(entry["path"]), where, expected)
+    except CacheError as e:
+        return [str(e)]
+    except (pa.ArrowException, OSError, ValueError) as e:
+        return [f"{where}: cannot be read ({e})"]
+    faults = []
+    if len(ids) != entry["num_samples"]:
+        faults.append(f"{where}: holds {len(ids)} samples, the manifest says {entry['num_samples']}")
+    for sample_id in ids:
+        if sample_id in owner:
+            faults.append(f"{where}: sample id {sample_id!r} also appears in {owner[sample_id]}")
+        owner[sample_id] = entry["path"]
+    return faults
+
+
+def describe_cache(cache) -> str:
+    """A human summary of a finished cache, from its manifest (shards are not read)."""
+    location = CacheLocation(cache)
+    m = load_manifest(location)
+    schema.check_manifest(m, location.name)
+    teacher, tokenizer, stats = m.get("teacher") or {}, m.get("tokenizer") or {}, m.get("stats") or {}
+    dataset = m.get("dataset") or {}
+    topk, temperature = m["topk"], m.get("temperature") or {}
+    tail, rows = stats.get("mean_tail_mass") or {}, stats.get("rows") or {}
+    total_bytes = stats.get("num_bytes", sum(s["num_bytes"] for s in m["shards"]))
+    lines = [
+        f"cache           {location.name}",
+        f"format          {m['format']} v{m['format_version']}, written by kdcache {m.get('kdcache_version', '?')}"
+        + (f" on {m['created']}" if m.get("created") else ""),
+        f"teacher         {teacher.get('source', '?')} (revision {teacher.get('revision') or '-'}, "
+        f"dtype {teacher.get('dtype', '?')}, config {teacher.get('config_hash', '?')})",
+        f"tokenizer       {tokenizer.get('fingerprint', '?')} (vocab {m.get('vocab_size', '?')}, "
+        f"image token {m.get('image_token_id', '?')}, visual_len {m.get('visual_len', '?')})",
+        f"template        {m.get('template', '?')}",
+        f"dataset         {dataset.get('source', '?')} ({dataset.get('fingerprint', '?')})",
+    ]
+    for role in schema.ROLES:
+        lines.append(f"{role + ' top-k':<16}k = {topk[role]}, temperature = {temperature.get(role, '?')}, "
+                     f"{rows.get(role, '?')} rows, mean tail mass {_number(tail.get(role))}")
+    lines += [
+        f"samples         {m['num_samples']} in {len(m['shards'])} shards, {_human_bytes(total_bytes)}",
+        f"per sample      {_human_bytes(stats.get('bytes_per_sample'))}; per token "
+        f"{_human_bytes(stats.get('bytes_per_token'))} ({stats.get('tokens', '?')} tokens)",
+        f"relation        {stats.get('samples_with_relation', '?')} samples; "
+        f"images {stats.get('samples_with_image', '?')} samples ({_human_bytes(stats.get('image_bytes'))} embedded)",
+    ]
+    skipped = m.get("skipped") or []
+    lines.append(f"skipped         {len(skipped)} samples")
+    lines += [f"  {s.get('sample_id')}: {s.get('reason')}" for s in skipped[:10]]
+    if len(skipped) > 10:
+        lines.append(f"  ... and {len(skipped) - 10} more (see {schema.MANIFEST_NAME})")
+    return "\n".join(lines)
+
+
+def _number(value) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def _human_bytes(n) -> str:
+    if n is None:
+        return "n/a"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024

@@ -1,0 +1,357 @@
+"""Shard writer and manifest merge: the dump's side of the cache (DESIGN §4, §8).
+
+Each rank writes its own shards `shard-r{rank:03d}-{index:05d}.arrow` (Arrow IPC file format, zstd
+level 3, 1-4 samples per record batch). A shard is written under `<name>.tmp`; when it is complete
+its sidecar `_parts/<name>.json` (ids, size, sha256, statistics) appears first, then the shard is
+renamed into place, so a finished shard always has a sidecar and a killed dump leaves nothing
+half-visible. `finalize_cache` merges every rank's sidecars and skip reports into `manifest.json`,
+written last, and removes `_parts/`. The reader side (CacheReader, verify_cache, describe_cache)
+lives in `kdcache.reader` and is re-exported here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+
+from kdcache import schema
+from kdcache.errors import CacheError, KdcacheError
+from kdcache.encoding import coerce_sample, raw_bytes, record_batch, sample_stats
+from kdcache.reader import CacheReader, describe_cache, verify_cache
+
+__all__ = ["ShardWriter", "completed_sample_ids", "write_rank_report", "finalize_cache",
+           "CacheReader", "verify_cache", "describe_cache"]
+
+COMPRESSION = pa.Codec("zstd", 3)
+
+
+class ShardWriter:
+    """Writes one rank's samples into shards of about `shard_size_bytes` each.
+
+    Use as a context manager: leaving the block normally finishes the open shard; leaving it by
+    an exception discards the open shard (its temporary file is deleted, never renamed). A new
+    writer for a rank continues numbering after that rank's finished shards and deletes the rank's
+    leftovers of a killed run.
+
+    A record batch closes once it holds `samples_per_batch` samples or `batch_bytes` of raw data,
+    whichever comes first: a reader decompresses whole record batches, so LLaVA-scale samples
+    (~1 MB: 728 visual rows x k=64 plus the relation) go one per batch and random access decodes
+    only the sample it wants, while small text-only samples share a batch.
+
+    `write` takes a dict whose keys are the column names (`kdcache.schema.COLUMNS`); see
+    `kdcache.encoding.coerce_sample` for what each value may be.
+    """
+
+    def __init__(self, cache_dir, *, rank: int = 0, k_response: int, k_visual: int,
+                 shard_size_bytes: int = 512 << 20, samples_per_batch: int = 4, batch_bytes: int = 512 << 10):
+        if not 1 <= samples_per_batch <= 4:
+            raise ValueError(f"samples_per_batch must be 1-4 (the format's record batches), got {samples_per_batch}")
+        if shard_size_bytes <= 0:
+            raise ValueError(f"shard_size_bytes must be positive, got {shard_size_bytes}")
+        if rank < 0:
+            raise ValueError(f"rank must be >= 0, got {rank}")
+        self.cache_dir = Path(cache_dir)
+        self.rank, self.k_response, self.k_visual = rank, k_response, k_visual
+        self.shard_size_bytes, self.samples_per_batch = shard_size_bytes, samples_per_batch
+        self.batch_bytes = batch_bytes
+        self.schema = schema.shard_schema(k_response, k_visual)
+        (self.cache_dir / schema.PARTS_DIR).mkdir(parents=True, exist_ok=True)
+        remove_unfinished(self.cache_dir, rank)
+        finished = [index for _, index, _ in finished_parts(self.cache_dir, rank)]
+        self._next_index = max(finished) + 1 if finished else 0
+        self._pending: list[dict] = []
+        self._pending_bytes = 0
+        self._shard: _OpenShard | None = None
+        self._closed = False
+        self.shards_written: list[str] = []   # names of the shards this writer finished
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+        return False
+
+    def write(self, sample: dict) -> None:
+        """Validate and buffer one sample; raises SampleError naming the sample if it is malformed."""
+        if self._closed:
+            raise KdcacheError(f"ShardWriter for rank {self.rank} in {self.cache_dir} is already closed")
+        record = coerce_sample(sample, k_response=self.k_response, k_visual=self.k_visual)
+        self._pending.append(record)
+        self._pending_bytes += raw_bytes(record)
+        if len(self._pending) == self.samples_per_batch or self._pending_bytes >= self.batch_bytes:
+            self._flush()
+
+    def close(self) -> None:
+        """Write the buffered samples and finish the open shard."""
+        if self._closed:
+            return
+        try:
+            if self._pending:
+                self._flush()
+            if self._shard is not None:
+                self._finish_shard()
+        except BaseException:
+            self.abort()
+            raise
+        self._closed = True
+
+    def abort(self) -> None:
+        """Drop the buffered samples and delete the open shard's temporary file."""
+        self._pending = []
+        if self._shard is not None:
+            self._shard.discard()
+            self._shard = None
+        self._closed = True
+
+    def _flush(self) -> None:
+        if self._shard is None:
+            self._shard = _OpenShard(self.cache_dir, self.rank, self._next_index, self.schema)
+            self._next_index += 1
+        self._shard.write(self._pending)
+        self._pending, self._pending_bytes = [], 0
+        if self._shard.size() >= self.shard_size_bytes:
+            self._finish_shard()
+
+    def _finish_shard(self) -> None:
+        self._shard.finish(topk={"response": self.k_response, "visual": self.k_visual})
+        self.shards_written.append(self._shard.name)
+        self._shard = None
+
+
+class _OpenShard:
+    """A shard being written under its temporary name."""
+
+    def __init__(self, cache_dir: Path, rank: int, index: int, shard_schema: pa.Schema):
+        self.rank, self.index = rank, index
+        self.name = schema.shard_name(rank, index)
+        self.path = cache_dir / self.name
+        self.tmp = cache_dir / (self.name + ".tmp")
+        self.sidecar = cache_dir / schema.PARTS_DIR / sidecar_name(self.name)
+        self.schema = shard_schema
+        self.sink = pa.OSFile(str(self.tmp), "wb")
+        self.writer = pa.ipc.new_file(self.sink, shard_schema,
+                                      options=pa.ipc.IpcWriteOptions(compression=COMPRESSION))
+        self.sample_ids: list[str] = []
+        self.stats: dict = {}
+
+    def write(self, records: list[dict]) -> None:
+        self.writer.write_batch(record_batch(records, self.schema))
+        for record in records:
+            self.sample_ids.append(record[schema.SAMPLE_ID])
+            self.stats = add_stats(self.stats, sample_stats(record))
+
+    def size(self) -> int:
+        return self.sink.tell()
+
+    def finish(self, *, topk: dict) -> None:
+        self.writer.close()
+        self.sink.close()
+        num_bytes, sha256 = _hash_and_sync(self.tmp)
+        write_json_atomic(self.sidecar, {
+            "path": self.name, "rank": self.rank, "index": self.index, "topk": topk,
+            "num_samples": len(self.sample_ids), "num_bytes": num_bytes, "sha256": sha256,
+            "sample_ids": self.sample_ids, "stats": self.stats,
+        })
+        os.replace(self.tmp, self.path)   # the shard becomes visible only now, sidecar already in place
+
+    def discard(self) -> None:
+        try:
+            self.writer.close()
+        except (pa.ArrowException, OSError):
+            pass
+        self.sink.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+# --- the rank-local parts: sidecars, skip reports, resume
+
+
+def sidecar_name(shard: str) -> str:
+    return shard.removesuffix(".arrow") + ".json"
+
+
+def finished_parts(cache_dir, rank: int | None = None) -> list[tuple[int, int, dict]]:
+    """(rank, index, sidecar) of every finished shard (a shard file with its sidecar), by (rank, index)."""
+    cache_dir = Path(cache_dir)
+    found = []
+    for path in (cache_dir / schema.PARTS_DIR).glob("shard-r*.json"):
+        parsed = schema.parse_shard_name(path.stem + ".arrow")
+        if parsed is None or (rank is not None and parsed[0] != rank):
+            continue
+        if not (cache_dir / (path.stem + ".arrow")).exists():
+            continue                     # killed between the sidecar and the rename: unfinished
+        try:
+            found.append((*parsed, json.loads(path.read_text())))
+        except FileNotFoundError:
+            continue                     # removed by its rank's writer while we looked
+        except (OSError, ValueError) as e:
+            raise CacheError(f"{path}: unreadable shard sidecar ({e})") from e
+    return sorted(found, key=lambda part: part[:2])
+
+
+def remove_unfinished(cache_dir, rank: int | None = None) -> None:
+    """Delete what a killed writer of `rank` (all ranks when None) left: temporary files, a
+    sidecar whose shard was never renamed, a shard without sidecar (its samples were never
+    recorded as done, so they are dumped again)."""
+    cache_dir = Path(cache_dir)
+    parts = cache_dir / schema.PARTS_DIR
+    prefix = "shard-r" if rank is None else f"shard-r{rank:03d}-"
+    for tmp in [*cache_dir.glob(prefix + "*.arrow.tmp"), *parts.glob(prefix + "*.json.tmp")]:
+        tmp.unlink(missing_ok=True)
+    for shard in cache_dir.glob(prefix + "*.arrow"):
+        if schema.parse_shard_name(shard.name) and not (parts / sidecar_name(shard.name)).exists():
+            shard.unlink()
+    for sidecar in parts.glob(prefix + "*.json"):
+        if schema.parse_shard_name(sidecar.stem + ".arrow") and not (cache_dir / (sidecar.stem + ".arrow")).exists():
+            sidecar.unlink()
+
+
+def completed_sample_ids(cache_dir) -> set[str]:
+    """Ids of the samples in finished shards of an unfinalised cache, all ranks: what a resumed dump skips."""
+    return {sample_id for _, _, sidecar in finished_parts(cache_dir) for sample_id in sidecar["sample_ids"]}
+
+
+def write_rank_report(cache_dir, rank: int, *, skipped: list[dict]) -> None:
+    """Record that `rank` finished, with the samples it skipped ([{"sample_id", "reason"}])."""
+    for entry in skipped:
+        if not (isinstance(entry, dict) and isinstance(entry.get("sample_id"), str)
+                and isinstance(entry.get("reason"), str)):
+            raise ValueError(f"skipped entries must be {{'sample_id': str, 'reason': str}}, got {entry!r}")
+    entries = [{"sample_id": e["sample_id"], "reason": e["reason"]} for e in skipped]
+    write_json_atomic(Path(cache_dir) / schema.PARTS_DIR / _report_name(rank), {"rank": rank, "skipped": entries})
+
+
+def _report_name(rank: int) -> str:
+    return f"rank-{rank:03d}.json"
+
+
+# --- finalize: every rank's parts -> manifest.json
+
+
+def finalize_cache(cache_dir, manifest: dict) -> dict:
+    """Merge all ranks' sidecars and reports into `manifest` and write `manifest.json`, last.
+
+    Adds `format`, `format_version`, `topk` (checked against the shards), `shards` ordered by
+    (rank, index), `num_samples`, `skipped` and `stats`. Every rank in `range(manifest["world_size"])`
+    (or, without that key, every rank with shards) must have written its report. Refuses a sample
+    id that appears twice. Removes `_parts/` once the manifest is in place. Returns the manifest.
+    """
+    cache_dir = Path(cache_dir)
+    if (cache_dir / schema.MANIFEST_NAME).exists():
+        raise CacheError(f"{cache_dir} is already finalized ({schema.MANIFEST_NAME} exists)")
+    remove_unfinished(cache_dir)
+    parts = finished_parts(cache_dir)
+    reports = _rank_reports(cache_dir, parts, manifest.get("world_size"))
+    where: dict[str, str] = {}
+    for _, _, sidecar in parts:
+        for sample_id in sidecar["sample_ids"]:
+            if sample_id in where:
+                raise CacheError(f"{cache_dir}: sample id {sample_id!r} is in both {where[sample_id]} and "
+                                 f"{sidecar['path']}; sample ids must be unique in a cache")
+            where[sample_id] = sidecar["path"]
+    shards = [{key: sidecar[key] for key in schema.SHARD_ENTRY_KEYS} for _, _, sidecar in parts]
+    stats: dict = {}
+    for _, _, sidecar in parts:
+        stats = add_stats(stats, sidecar["stats"])
+    merged = {
+        **manifest,
+        "format": schema.FORMAT,
+        "format_version": schema.FORMAT_VERSION,
+        "topk": _merged_topk(cache_dir, manifest, parts),
+        "num_samples": len(where),
+        "shards": shards,
+        "skipped": [entry for rank in sorted(reports) for entry in reports[rank]],
+        "stats": summary_stats(stats, num_samples=len(where), num_bytes=sum(s["num_bytes"] for s in shards)),
+    }
+    schema.check_manifest(merged, str(cache_dir))
+    write_json_atomic(cache_dir / schema.MANIFEST_NAME, merged)
+    shutil.rmtree(cache_dir / schema.PARTS_DIR, ignore_errors=True)
+    return merged
+
+
+def _rank_reports(cache_dir: Path, parts: list, world_size) -> dict[int, list[dict]]:
+    reports = {}
+    for path in (cache_dir / schema.PARTS_DIR).glob("rank-*.json"):
+        report = json.loads(path.read_text())
+        reports[int(report["rank"])] = report["skipped"]
+    expected = range(world_size) if isinstance(world_size, int) else sorted({rank for rank, _, _ in parts})
+    missing = [rank for rank in expected if rank not in reports]
+    if missing:
+        raise CacheError(f"{cache_dir}: rank(s) {missing} have not reported ({schema.PARTS_DIR}/"
+                         f"{_report_name(missing[0])} missing): their dump did not finish; rerun it to resume")
+    return reports
+
+
+def _merged_topk(cache_dir: Path, manifest: dict, parts: list) -> dict:
+    topk = manifest.get("topk")
+    for _, _, sidecar in parts:
+        if topk is None:
+            topk = sidecar["topk"]
+        if sidecar["topk"] != topk:
+            raise CacheError(f"{cache_dir}: shard {sidecar['path']} was written with top-k {sidecar['topk']} "
+                             f"but the cache declares {topk}")
+    if topk is None:
+        raise CacheError(f"{cache_dir}: no shards and no 'topk' in the manifest; cannot finalize")
+    return topk
+
+
+# --- statistics (sums in the sidecars, means in the manifest)
+
+
+def add_stats(total: dict, more: dict) -> dict:
+    """Sum two statistics dicts of numbers / nested dicts of numbers, key by key."""
+    out = dict(total)
+    for key, value in more.items():
+        out[key] = add_stats(out.get(key, {}), value) if isinstance(value, dict) else out.get(key, 0) + value
+    return out
+
+
+def summary_stats(sums: dict, *, num_samples: int, num_bytes: int) -> dict:
+    """Manifest statistics from summed sidecar statistics; means are None where nothing was counted."""
+    rows = {role: sums.get("rows", {}).get(role, 0) for role in schema.ROLES}
+    tail = sums.get("tail_mass_sum", {})
+    tokens = sums.get("tokens", 0)
+    return {
+        "num_bytes": num_bytes,
+        "bytes_per_sample": num_bytes / num_samples if num_samples else None,
+        "bytes_per_token": num_bytes / tokens if tokens else None,
+        "tokens": tokens,
+        "rows": rows,
+        "mean_tail_mass": {role: tail.get(role, 0.0) / rows[role] if rows[role] else None for role in schema.ROLES},
+        "samples_with_image": sums.get("samples_with_image", 0),
+        "samples_with_relation": sums.get("samples_with_relation", 0),
+        "image_bytes": sums.get("image_bytes", 0),
+    }
+
+
+# --- files
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """Write JSON to `path` through a temporary file and a rename: readers see the old file or the new one."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _hash_and_sync(path: Path) -> tuple[int, str]:
+    """(size, sha256 hex) of a finished file, flushed to disk before it is renamed into place."""
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+            size += len(chunk)
+        os.fsync(f.fileno())
+    return size, digest.hexdigest()

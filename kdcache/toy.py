@@ -1,0 +1,101 @@
+"""The toy world's models: a tiny byte-level BPE tokenizer, a shared SigLIP tower, two Qwen2 LMs.
+
+``load_bundle("toy-teacher")`` / ``load_bundle("toy-student")`` build them here, seeded, through the
+same `models.compose` as the real presets, so the quickstart and the tests exercise the real code
+path on a CPU in seconds. Teacher and student share the tokenizer and identical tower weights
+(DESIGN §1); the teacher has about 7x the student's LM parameters (Qwen1.5-4B : 0.5B is 8x).
+"""
+
+from __future__ import annotations
+
+import torch
+from tokenizers import Tokenizer, decoders, models as bpe_models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
+
+from kdcache.models import Bundle, compose, siglip_image_processor
+from kdcache.templates import END_TOKEN, IMAGE_TOKEN, SYSTEM_PROMPT
+
+COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "black")
+SHAPES = ("circle", "square", "triangle", "star")
+SIZES = ("small", "large")
+POSITIONS = ("left", "right", "top", "bottom", "above", "below", "middle")
+COUNTS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+FUNCTION_WORDS = ("what", "color", "colour", "shape", "how", "many", "is", "the", "there", "are", "of", "a", "an",
+                  "and", "in", "image", "picture", "shows", "this", "it", "at", "on", "describe", "which", "where",
+                  "briefly", "background", "next", "to", "with", "yes", "no", "object", "objects", "one", "each")
+
+VOCAB_SIZE = 600
+TOWER_SEED = 1234          # one tower for teacher and student
+TOY_VISION = dict(image_size=64, patch_size=8, hidden_size=64, intermediate_size=128,
+                  num_hidden_layers=2, num_attention_heads=2)                  # 8x8 patches -> 63 visual tokens
+TOY_PRESETS: dict[str, dict] = {
+    "toy-teacher": dict(seed=1, text=dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4,
+                                          num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False)),
+    "toy-student": dict(seed=2, text=dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)),
+}
+
+
+def toy_corpus() -> list[str]:
+    """The fixed text the toy tokenizer is trained on: the chat template and the toy world's words."""
+    words = [*COLOURS, *SHAPES, *SIZES, *POSITIONS, *COUNTS, *FUNCTION_WORDS]
+    plurals = [shape + "s" for shape in SHAPES]
+    digits = [str(n) for n in range(11)]
+    lines = [SYSTEM_PROMPT + "USER: \nWhat color is the circle? ASSISTANT: red"] * 4
+    lines += ["USER: How many stars are there? ASSISTANT: There are three stars.",
+              "USER: What shape is above the square? ASSISTANT: A small green triangle.",
+              "The picture shows a large blue circle at the top left and two small yellow stars.\n",
+              "Describe the image briefly.", "Which object is in the middle?"]
+    for vocabulary in (words, plurals, digits):
+        lines += [" ".join(vocabulary)] * 3 + list(vocabulary) + [" " + w for w in vocabulary]
+        lines += [w.capitalize() for w in vocabulary if w.isalpha()]
+    # Answers are tokenised on their own (no leading space): make one-word answers single tokens too.
+    lines += [*COLOURS, *SHAPES, *SIZES, *COUNTS, "yes", "no"] * 2
+    return lines
+
+
+def build_toy_tokenizer(*, image_token: bool = True) -> PreTrainedTokenizerFast:
+    """Byte-level BPE with ``<|endoftext|>`` (eos and pad) and ``<image>``, trained on `toy_corpus` (deterministic).
+
+    `image_token=False` leaves ``<image>`` out (as in a plain LLM tokenizer, for `compose` to add).
+    """
+    special = [END_TOKEN, IMAGE_TOKEN] if image_token else [END_TOKEN]
+    tokenizer = Tokenizer(bpe_models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=special, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(toy_corpus(), trainer)
+    extra = {"extra_special_tokens": [IMAGE_TOKEN]} if image_token else {}
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=END_TOKEN, pad_token=END_TOKEN, **extra)
+
+
+def toy_vision_tower(**overrides) -> SiglipVisionModel:
+    """The shared SigLIP tower (no pooling head), always initialised from TOWER_SEED."""
+    config = SiglipVisionConfig(**{**TOY_VISION, **overrides}, vision_use_head=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TOWER_SEED)
+        return SiglipVisionModel(config)
+
+
+def build_toy_bundle(text_config: dict, *, seed: int, source: str, vision_config: dict | None = None,
+                     dtype: torch.dtype = torch.float32) -> Bundle:
+    """A Qwen2 LM from `text_config` joined to the toy tower by `compose`, seeded, without touching global RNG."""
+    vision = {**TOY_VISION, **(vision_config or {})}
+    tokenizer = build_toy_tokenizer(image_token=True)
+    tower = toy_vision_tower(**vision)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        language_model = Qwen2ForCausalLM(Qwen2Config(
+            vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=None, max_position_embeddings=1024, **text_config))
+        bundle = compose(tower, language_model, tokenizer, siglip_image_processor(vision["image_size"]),
+                         source=source)
+    bundle.model.to(dtype)
+    return bundle
+
+
+def load_toy(name: str, *, dtype: torch.dtype = torch.float32) -> Bundle:
+    """`load_bundle`'s path for the toy presets: a fresh, deterministic, untrained-projector bundle."""
+    preset = TOY_PRESETS[name]
+    return build_toy_bundle(preset["text"], seed=preset["seed"], source=name, dtype=dtype)

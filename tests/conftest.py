@@ -1,0 +1,122 @@
+"""Shared fixtures: the toy tokenizer, tiny saved teacher / student checkpoints, toy images and datasets.
+
+Everything is built from configs (nothing is downloaded) once per session. Session fixtures are
+shared: tests must not mutate them (load a checkpoint dir again, or build a fresh tokenizer, to
+change one).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageDraw
+
+from kdcache import models, toy
+
+# A 2-layer SigLIP tower on 32x32 images with 8x8 patches: 16 patches -> 15 visual tokens.
+TINY_VISION = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                   num_attention_heads=2)
+TINY_VISUAL_LEN = 15
+TINY_TEACHER = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, tie_word_embeddings=False)
+TINY_STUDENT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                    num_key_value_heads=2, tie_word_embeddings=True)
+TRAINED = ["pt", "sft"]   # the history that marks a checkpoint's projector as trained
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), "yellow": (240, 220, 40)}
+SHAPES = ("circle", "square", "triangle")
+
+
+@pytest.fixture(scope="session")
+def toy_tokenizer():
+    """The toy byte-level BPE tokenizer (600 tokens, `<|endoftext|>` eos/pad, `<image>`). Do not mutate."""
+    return toy.build_toy_tokenizer()
+
+
+def _saved_tiny(tmp_path_factory, name: str, text_config: dict, seed: int) -> Path:
+    out = tmp_path_factory.mktemp(name)
+    bundle = toy.build_toy_bundle(text_config, seed=seed, source=name, vision_config=TINY_VISION)
+    models.save_bundle(bundle, out, stages=TRAINED)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_dir(tmp_path_factory) -> Path:
+    """A saved tiny LLaVA teacher (Qwen2 hidden 64, untied head; 15 visual tokens), marked trained (pt, sft)."""
+    return _saved_tiny(tmp_path_factory, "tiny-teacher", TINY_TEACHER, seed=11)
+
+
+@pytest.fixture(scope="session")
+def tiny_student_dir(tmp_path_factory) -> Path:
+    """A saved tiny LLaVA student (Qwen2 hidden 32, tied head), same tower weights and tokenizer as the teacher."""
+    return _saved_tiny(tmp_path_factory, "tiny-student", TINY_STUDENT, seed=12)
+
+
+def draw_toy_image(index: int, size: int = 32) -> tuple[Image.Image, str, str]:
+    """A deterministic toy scene: one coloured shape on a grey background; returns (image, colour, shape)."""
+    colour = list(COLOURS)[index % len(COLOURS)]
+    shape = SHAPES[(index // len(COLOURS)) % len(SHAPES)]
+    image = Image.new("RGB", (size, size), (128, 128, 128))
+    draw = ImageDraw.Draw(image)
+    box = (size // 4, size // 4, 3 * size // 4, 3 * size // 4)
+    if shape == "circle":
+        draw.ellipse(box, fill=COLOURS[colour])
+    elif shape == "square":
+        draw.rectangle(box, fill=COLOURS[colour])
+    else:
+        draw.polygon([(size // 2, size // 4), (size // 4, 3 * size // 4), (3 * size // 4, 3 * size // 4)],
+                     fill=COLOURS[colour])
+    return image, colour, shape
+
+
+@pytest.fixture
+def toy_images():
+    """Factory: toy_images(directory, count=4, size=32) writes img-000.png ... and returns their names."""
+    def make(directory, count: int = 4, size: int = 32) -> list[str]:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        names = []
+        for i in range(count):
+            name = f"img-{i:03d}.png"
+            draw_toy_image(i, size)[0].save(directory / name)
+            names.append(name)
+        return names
+
+    return make
+
+
+@pytest.fixture
+def toy_dataset(tmp_path):
+    """Factory: toy_dataset(count=6, template="qwen2_base", text_only=0) -> (json path, images dir).
+
+    Image samples ask for the colour and shape (qwen2_base: two turns) or give a caption (plain);
+    the last `text_only` samples have no image.
+    """
+    def make(count: int = 6, template: str = "qwen2_base", text_only: int = 0, size: int = 32):
+        images = tmp_path / "images"
+        images.mkdir(exist_ok=True)
+        records = []
+        for i in range(count):
+            if i >= count - text_only:
+                records.append({"id": f"text-{i}", "conversations": [
+                    {"from": "human", "value": "How many sides has a square?"}, {"from": "gpt", "value": "four"}]})
+                continue
+            image, colour, shape = draw_toy_image(i, size)
+            name = f"img-{i:03d}.png"
+            image.save(images / name)
+            if template == "plain":
+                turns = [{"from": "human", "value": "<image>\nDescribe the image briefly."},
+                         {"from": "gpt", "value": f"A {colour} {shape}."}]
+            else:
+                turns = [{"from": "human", "value": "<image>\nWhat color is the shape?"},
+                         {"from": "gpt", "value": colour},
+                         {"from": "human", "value": "What shape is it?"},
+                         {"from": "gpt", "value": f"It is a {shape}."}]
+            records.append({"id": f"sample-{i}", "image": name, "conversations": turns})
+        path = tmp_path / f"data-{template}.json"
+        path.write_text(json.dumps(records, indent=1))
+        return path, images
+
+    return make
