@@ -28,7 +28,8 @@ def clean_errors(fn):
         except KdcacheError as e:
             if os.environ.get("KDCACHE_DEBUG"):
                 raise
-            typer.echo(f"error: {e}", err=True)
+            # Errors re-raised from DataLoader workers carry the worker's traceback: keep its last line.
+            typer.echo(f"error: {str(e).strip().splitlines()[-1]}", err=True)
             raise typer.Exit(1)
 
     return wrapper
@@ -51,7 +52,7 @@ def dump(
     batch_size: Optional[int] = typer.Option(None, help="Samples per teacher forward [default: 8]."),
     max_samples: Optional[int] = typer.Option(None, help="Dump only the first N samples."),
     max_length: Optional[int] = typer.Option(None, help="Longest sequence allowed [default: 2048]."),
-    shard_size: Optional[int] = typer.Option(None, help="Target shard size in MB [default: 512]."),
+    shard_size: Optional[float] = typer.Option(None, help="Target shard size in MB [default: 512]."),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N [default: auto]."),
     dtype: Optional[str] = typer.Option(None, help="auto | float32 | bfloat16 [default: auto = bf16 on GPU]."),
     relation: Optional[bool] = typer.Option(None, "--relation/--no-relation", help="Store relation matrices [default: on]."),
@@ -155,7 +156,7 @@ def train(
 @clean_errors
 def inspect(cache: str = typer.Argument(..., help="Cache directory or fsspec URL.")):
     """Summarise a cache: teacher, tokenizer, samples, bytes, tail mass per role, skipped samples."""
-    from kdcache.shards import describe_cache
+    from kdcache.reader import describe_cache
 
     typer.echo(describe_cache(cache))
 
@@ -164,7 +165,7 @@ def inspect(cache: str = typer.Argument(..., help="Cache directory or fsspec URL
 @clean_errors
 def verify(cache: str = typer.Argument(..., help="Cache directory or fsspec URL.")):
     """Check checksums, schema, counts and path safety; exit non-zero naming each fault."""
-    from kdcache.shards import verify_cache
+    from kdcache.reader import verify_cache
 
     faults = verify_cache(cache)
     for fault in faults:

@@ -6,12 +6,16 @@ class KdcacheError(Exception):
 
 
 class SampleError(KdcacheError):
-    """A bad input sample. `sample_id` names it; `reason` is one short line."""
+    """A bad input sample. `sample_id` names it; `reason` is one short line.
 
-    def __init__(self, sample_id: str, reason: str):
-        super().__init__(f"sample {sample_id!r}: {reason}")
+    DataLoader workers re-raise an error in the main process as `type(message)`, so a single
+    argument is accepted as the whole message.
+    """
+
+    def __init__(self, sample_id: str, reason: str | None = None):
+        super().__init__(sample_id if reason is None else f"sample {sample_id!r}: {reason}")
         self.sample_id = sample_id
-        self.reason = reason
+        self.reason = reason if reason is not None else sample_id
 
 
 class CacheError(KdcacheError):

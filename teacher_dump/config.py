@@ -21,7 +21,7 @@ class DumpConfig:
     batch_size: int = 8
     max_samples: int | None = None
     max_length: int = 2048
-    shard_size_mb: int = 512
+    shard_size_mb: float = 512.0
     device: str = "auto"               # auto | cpu | cuda | cuda:N
     dtype: str = "auto"                # auto (bf16 on GPU, float32 on CPU) | float32 | bfloat16
     chunk_rows: int = 256              # rows per LM-head chunk in top-k extraction
@@ -36,9 +36,9 @@ class DumpConfig:
 
         if self.template not in ("plain", "qwen2_base"):
             raise KdcacheError(f"unknown template {self.template!r}; choose plain or qwen2_base")
-        for name in ("topk_response", "topk_visual", "batch_size", "max_length", "shard_size_mb", "chunk_rows"):
+        for name in ("topk_response", "topk_visual", "batch_size", "max_length", "chunk_rows"):
             if getattr(self, name) < 1:
                 raise KdcacheError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("temperature_response", "temperature_visual"):
+        for name in ("temperature_response", "temperature_visual", "shard_size_mb"):
             if getattr(self, name) <= 0:
                 raise KdcacheError(f"{name} must be > 0, got {getattr(self, name)}")

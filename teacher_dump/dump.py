@@ -82,7 +82,7 @@ def dump(cfg: DumpConfig) -> dict | None:
                desc=f"dump {out.name}" + (f" rank 0/{topo.world_size}" if topo.world_size > 1 else ""))
     tokens, started = 0, time.perf_counter()
     writer = shards.ShardWriter(out, rank=topo.rank, k_response=cfg.topk_response, k_visual=cfg.topk_visual,
-                                shard_size_bytes=cfg.shard_size_mb << 20)
+                                shard_size_bytes=int(cfg.shard_size_mb * (1 << 20)))
     with writer, bar:
         for batch in batched(prepare_all(mine, cfg, bundle, visual_len, skipped), cfg.batch_size):
             for sample in teacher_targets(batch, model, bundle, weight, gram, cfg, device, dtype):
