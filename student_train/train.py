@@ -62,9 +62,7 @@ def train(cfg: TrainConfig) -> Path | None:
         torch.cuda.set_device(device)
     torch.manual_seed(cfg.seed)
     run_dir = Path(cfg.out)
-    if topo.is_main:
-        prepare_run_dir(run_dir, cfg)
-    distributed.barrier()
+    refuse_used_run_dir(run_dir, cfg)
     bundle = models.load_bundle(cfg.student, trust_remote_code=cfg.trust_remote_code)
     model = bundle.model.to(device)
     trainable = set_trainable(model, cfg.trainable)
@@ -73,6 +71,10 @@ def train(cfg: TrainConfig) -> Path | None:
 
     # --- data
     dataset, temperatures = build_dataset(cfg, bundle)
+    if topo.is_main:                                  # inputs are valid: now the run directory may appear
+        run_dir.mkdir(parents=True, exist_ok=True)
+        configs.save_yaml(cfg, run_dir / "config.yaml")
+    distributed.barrier()
     grad_accum = cfg.grad_accum or max(1, cfg.resolved_global_batch // (cfg.batch_size * topo.world_size))
     sampler = ResumableSampler(dataset.shard_sizes, seed=cfg.seed, rank=topo.rank, world_size=topo.world_size,
                                batch_size=cfg.batch_size * grad_accum)
@@ -159,12 +161,10 @@ def train(cfg: TrainConfig) -> Path | None:
     return final
 
 
-def prepare_run_dir(run_dir: Path, cfg: TrainConfig) -> None:
-    """Create RUN/ and save the resolved config; refuse to overwrite a finished or running run."""
+def refuse_used_run_dir(run_dir: Path, cfg: TrainConfig) -> None:
+    """Never overwrite another run: a non-empty RUN/ is continued with --resume or refused."""
     if run_dir.exists() and any(run_dir.iterdir()) and not cfg.resume:
         raise KdcacheError(f"{run_dir} is not empty; pass --resume to continue it or choose another --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    configs.save_yaml(cfg, run_dir / "config.yaml")
 
 
 def set_trainable(model, parts: tuple[str, ...]) -> dict[str, torch.nn.Parameter]:
