@@ -39,73 +39,108 @@ class Plan:
     num_workers: int = 0
 
 
-def run_quickstart(out: str | Path, *, seed: int = 0, plan: Plan = Plan(), progress: bool = True) -> dict:
-    """Run the recipe under `out`; returns the report (also written to out/report.json)."""
-    from student_train.config import TrainConfig
-    from student_train.train import train
-    from teacher_dump.config import DumpConfig
-    from teacher_dump.dump import dump
+SCHEMES = {                     # the paper's Table 2: which student stages, in order
+    "PT-SFT": ("pt", "sft"),
+    "DPT-SFT": ("dpt", "sft"),
+    "PT-SFT-DFT": ("pt", "sft", "dft"),
+    "DPT-SFT-DFT": ("dpt", "sft", "dft"),
+}
 
-    from kdcache.evaluate import evaluate_bundle
-    from kdcache.models import load_bundle
 
-    from transformers.utils import logging as hf_logging
+class Recipe:
+    """The toy world's pieces, each through the real jobs: data, teacher, caches, students, evaluation."""
 
-    hf_logging.disable_progress_bar()        # per-checkpoint load/save bars: noise at toy sizes
-    out = Path(out)
-    timings: dict[str, float] = {}
+    def __init__(self, out: str | Path, *, plan: Plan = Plan(), seed: int = 0, progress: bool = True):
+        from transformers.utils import logging as hf_logging
 
-    def timed(name, fn, *args, **kwargs):
+        hf_logging.disable_progress_bar()        # per-checkpoint load/save bars: noise at toy sizes
+        self.out, self.plan, self.seed, self.progress = Path(out), plan, seed, progress
+        self.seconds: dict[str, float] = {}
+
+    def timed(self, name: str, fn, *args, **kwargs):
         start = time.perf_counter()
         result = fn(*args, **kwargs)
-        timings[name] = round(time.perf_counter() - start, 1)
+        self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 1)
         return result
 
-    def stage(name, stage, student, steps, lr, **data) -> str:
-        cfg = TrainConfig(stage=stage, student=str(student), out=str(out / "runs" / name), lr=lr,
-                          batch_size=plan.batch_size, global_batch=plan.batch_size, epochs=1000,
-                          max_steps=steps, seed=seed, device="cpu", num_workers=plan.num_workers,
-                          save_every=10**9, progress=progress, **data)
-        return str(timed(name, train, cfg))
+    def data(self) -> dict:
+        plan = self.plan
+        self.world = self.timed("data", toyworld.generate, self.out / "data", num_train=plan.num_train,
+                                num_eval=plan.num_eval, seed=self.seed)
+        return self.world
 
-    # --- data
-    data = timed("data", lambda: toyworld.generate(out / "data", num_train=plan.num_train,
-                                                    num_eval=plan.num_eval, seed=seed))
-    images = str(data["images_dir"])
-    captions = dict(data=str(data["captions"]), images=images)
-    questions = dict(data=str(data["train"]), images=images)
+    def train(self, name: str, stage: str, student: str, steps: int, *, seed: int | None = None, **source) -> str:
+        """One `kdcache train` stage into out/runs/NAME; returns RUN/final."""
+        from student_train.config import TrainConfig
+        from student_train.train import train
 
-    # --- teacher: PT then SFT, with the same trainer as the students
-    teacher = stage("teacher-pt", "pt", "toy-teacher", plan.teacher_pt_steps, plan.lr_pt, **captions)
-    teacher = stage("teacher-sft", "sft", teacher, plan.teacher_sft_steps, plan.lr_ft, **questions)
+        plan = self.plan
+        lr = plan.lr_pt if stage in ("pt", "dpt") else plan.lr_ft
+        cfg = TrainConfig(stage=stage, student=str(student), out=str(self.out / "runs" / name), lr=lr,
+                          batch_size=plan.batch_size, global_batch=plan.batch_size, epochs=1000, max_steps=steps,
+                          seed=self.seed if seed is None else seed, device="cpu", num_workers=plan.num_workers,
+                          save_every=10**9, progress=self.progress, **source)
+        return str(self.timed(name, train, cfg))
 
-    # --- dump: one cache per template
-    caches = {}
-    for name, source, template in (("captions", data["captions"], "plain"), ("questions", data["train"], "qwen2_base")):
-        cfg = DumpConfig(teacher=teacher, data=str(source), images=images, out=str(out / "caches" / name),
-                         template=template, topk_response=plan.topk, topk_visual=plan.topk, batch_size=32,
-                         device="cpu", dtype="float32", progress=progress)
-        timed(f"dump-{name}", dump, cfg)
-        caches[name] = cfg.out
+    def teacher(self) -> str:
+        """toy-teacher trained PT (captions) then SFT (questions), with the students' trainer."""
+        world, plan = self.world, self.plan
+        images = str(world["images_dir"])
+        pt = self.train("teacher-pt", "pt", "toy-teacher", plan.teacher_pt_steps,
+                        data=str(world["captions"]), images=images)
+        return self.train("teacher-sft", "sft", pt, plan.teacher_sft_steps, data=str(world["train"]), images=images)
 
-    # --- baseline student: PT -> SFT; distilled student: DPT -> SFT -> DFT (same caches, same steps)
-    base = stage("baseline-pt", "pt", "toy-student", plan.student_pt_steps, plan.lr_pt, cache=caches["captions"])
-    base = stage("baseline-sft", "sft", base, plan.student_sft_steps, plan.lr_ft, cache=caches["questions"])
-    dist = stage("distilled-dpt", "dpt", "toy-student", plan.student_pt_steps, plan.lr_pt, cache=caches["captions"])
-    dist = stage("distilled-sft", "sft", dist, plan.student_sft_steps, plan.lr_ft, cache=caches["questions"])
-    dist = stage("distilled-dft", "dft", dist, plan.student_dft_steps, plan.lr_ft, cache=caches["questions"])
+    def dump(self, teacher: str) -> dict[str, str]:
+        """Two caches through `kdcache dump`: captions (plain) and questions (qwen2_base)."""
+        from teacher_dump.config import DumpConfig
+        from teacher_dump.dump import dump
 
-    # --- evaluate on held-out images
-    results = {}
-    for name, checkpoint in (("teacher", teacher), ("baseline", base), ("distilled", dist)):
-        results[name] = timed(f"eval-{name}", evaluate_bundle, load_bundle(checkpoint), data["eval"], images,
-                              template="qwen2_base", progress=progress)
-    report = {"seed": seed, "plan": plan.__dict__, "models": {"teacher": teacher, "baseline": base, "distilled": dist},
+        caches = {}
+        for name, template in (("captions", "plain"), ("questions", "qwen2_base")):
+            source = self.world["captions" if name == "captions" else "train"]
+            cfg = DumpConfig(teacher=teacher, data=str(source), images=str(self.world["images_dir"]),
+                             out=str(self.out / "caches" / name), template=template, topk_response=self.plan.topk,
+                             topk_visual=self.plan.topk, batch_size=32, device="cpu", dtype="float32",
+                             progress=self.progress)
+            self.timed(f"dump-{name}", dump, cfg)
+            caches[name] = cfg.out
+        return caches
+
+    def student(self, scheme: str, caches: dict[str, str], *, tag: str, seed: int | None = None) -> str:
+        """Train toy-student through a scheme's stages (all from the caches); returns the final checkpoint."""
+        plan, model = self.plan, "toy-student"
+        steps = {"pt": plan.student_pt_steps, "dpt": plan.student_pt_steps, "sft": plan.student_sft_steps,
+                 "dft": plan.student_dft_steps}
+        for stage in SCHEMES[scheme]:
+            cache = caches["captions" if stage in ("pt", "dpt") else "questions"]
+            model = self.train(f"{tag}-{stage}", stage, model, steps[stage], seed=seed, cache=cache)
+        return model
+
+    def evaluate(self, name: str, checkpoint: str) -> dict:
+        from kdcache.evaluate import evaluate_bundle
+        from kdcache.models import load_bundle
+
+        return self.timed(f"eval-{name}", evaluate_bundle, load_bundle(checkpoint), self.world["eval"],
+                          self.world["images_dir"], template="qwen2_base", progress=self.progress)
+
+
+def run_quickstart(out: str | Path, *, seed: int = 0, plan: Plan = Plan(), progress: bool = True) -> dict:
+    """Run the recipe under `out`; returns the report (also written to out/report.json)."""
+    recipe = Recipe(out, plan=plan, seed=seed, progress=progress)
+    recipe.data()
+    teacher = recipe.teacher()
+    caches = recipe.dump(teacher)
+    models = {"teacher": teacher,
+              "baseline": recipe.student("PT-SFT", caches, tag="baseline"),
+              "distilled": recipe.student("DPT-SFT-DFT", caches, tag="distilled")}
+    results = {name: recipe.evaluate(name, checkpoint) for name, checkpoint in models.items()}
+    report = {"seed": seed, "plan": plan.__dict__, "models": models,
               "accuracy": {name: r["accuracy"] for name, r in results.items()},
               "per_type": {name: {t: v["accuracy"] for t, v in r["per_type"].items()} for name, r in results.items()},
-              "num_questions": results["teacher"]["num_questions"], "seconds": timings}
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    write_report_png(out, report)
+              "num_questions": results["teacher"]["num_questions"], "seconds": recipe.seconds}
+    recipe.out.mkdir(parents=True, exist_ok=True)
+    (recipe.out / "report.json").write_text(json.dumps(report, indent=2))
+    write_report_png(recipe.out, report)
     print(format_table(report))
     return report
 

@@ -66,6 +66,8 @@ def train(cfg: TrainConfig) -> Path | None:
     bundle = models.load_bundle(cfg.student, trust_remote_code=cfg.trust_remote_code)
     model = bundle.model.to(device)
     trainable = set_trainable(model, cfg.trainable)
+    model.train()                                     # load_bundle gives eval(); HF checkpoints layers only in train()
+    model.model.vision_tower.eval()                   # frozen: no dropout noise in its features
     if cfg.grad_checkpointing:
         model.model.language_model.gradient_checkpointing_enable()
 
@@ -105,8 +107,8 @@ def train(cfg: TrainConfig) -> Path | None:
         step = state["step"]
         scheduler.load_state_dict(state["scheduler"])
         sampler.load_state_dict(state["sampler"])
-        if topo.is_main:
-            truncate_metrics(run_dir / "metrics.jsonl", step)
+    if cfg.resume and topo.is_main:                   # also without a checkpoint: the run restarts at step 0
+        truncate_metrics(run_dir / "metrics.jsonl", step)
     wrapped = wrap_distributed(student_loss, cfg, topo, device)
 
     # --- loop
