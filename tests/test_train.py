@@ -351,11 +351,16 @@ def test_killed_and_resumed_run_sees_the_same_samples_and_ends_with_the_same_wei
 def test_two_process_torchrun_run_equals_a_one_process_run_with_the_same_global_batch(
         tiny_teacher_dir, tiny_student_dir, toy_dataset, tmp_path):
     # Per-step metrics are means over ranks of each rank's loss, and DDP averages gradients over ranks. With the
-    # default token normalisation a rank's loss is a mean over ITS rows, so when ranks hold different row counts
-    # the mean of rank means differs (slightly) from the one-process mean over all rows. With --loss-norm sample
-    # and equal samples per rank (every sample has an image, so the relation term counts each sample too) the two
-    # are the same mean of per-sample means: equal up to float rounding, loss and gradients alike.
+    # default token normalisation a rank's loss is a mean over ITS rows, and the one-process run's a mean of its
+    # micro-batches' means; the two group the samples differently (ranks take positions r::2 of the step, micro-
+    # batches consecutive pairs), so with unequal row counts they differ (here ~5e-3 in ce). With --loss-norm
+    # sample and equal samples per rank (every sample has an image, so the relation term counts each sample too)
+    # both are the mean of per-sample means: equal up to float rounding, loss and gradients alike.
     data, images = toy_dataset(count=8)                                  # 2 optimizer steps of 4 samples
+    records = json.loads(data.read_text())
+    for i, record in enumerate(records):                                 # answers of 1, 2 or 3 sentences
+        record["conversations"][-1]["value"] += " It is a small shape in the middle of the image." * (i % 3)
+    data.write_text(json.dumps(records))
     cache = tmp_path / "cache"
     run_dump(tiny_teacher_dir, data, images, cache, topk_response=8, topk_visual=8)
     common = dict(stage="dft", cache=str(cache), batch_size=2, global_batch=4, lr=1e-3, loss_norm="sample")

@@ -1,0 +1,49 @@
+"""The toy recipe end to end (small plan), and the evaluation arithmetic it reports."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from kdcache.cli import app
+from kdcache.evaluate import Question, accuracy_report, normalize
+from kdcache.quickstart import run_quickstart, small_plan
+
+
+def test_exact_match_ignores_case_space_and_a_final_full_stop():
+    assert normalize("  Red. ") == normalize("red")
+    assert normalize("red circle") != normalize("red")
+
+
+def test_accuracy_report_counts_per_question_type():
+    qs = [Question("a", [1], "red", "color", None), Question("b", [1], "two", "count", None),
+          Question("c", [1], "blue", "color", None)]
+    report = accuracy_report(qs, ["Red", "three", "blue."])
+    assert report["accuracy"] == pytest.approx(2 / 3)
+    assert report["per_type"]["color"] == {"accuracy": 1.0, "num_questions": 2}
+    assert report["per_type"]["count"] == {"accuracy": 0.0, "num_questions": 1}
+
+
+@pytest.mark.slow
+def test_quickstart_runs_the_whole_recipe_and_writes_its_report(tmp_path):
+    report = run_quickstart(tmp_path / "qs", plan=small_plan(), progress=False)
+    on_disk = json.loads((tmp_path / "qs" / "report.json").read_text())
+    assert set(on_disk["accuracy"]) == {"teacher", "baseline", "distilled"}
+    assert all(0.0 <= a <= 1.0 for a in on_disk["accuracy"].values())
+    assert on_disk["accuracy"] == report["accuracy"]
+    assert (tmp_path / "qs" / "report.png").stat().st_size > 10_000
+    for cache in ("captions", "questions"):
+        assert (tmp_path / "qs" / "caches" / cache / "manifest.json").exists()
+    for run in ("baseline-pt", "baseline-sft", "distilled-dpt", "distilled-sft", "distilled-dft"):
+        metrics = (tmp_path / "qs" / "runs" / run / "metrics.jsonl").read_text().splitlines()
+        assert len(metrics) == 2                                     # small plan: 2 steps per stage
+    dft = json.loads((tmp_path / "qs" / "runs" / "distilled-dft" / "metrics.jsonl").read_text().splitlines()[0])
+    assert dft["kl_response"] > 0 and dft["kl_visual"] > 0 and dft["relation"] > 0
+
+    result = CliRunner().invoke(app, ["eval", "--model", report["models"]["teacher"], "--data",
+                                      str(tmp_path / "qs" / "data" / "eval.json"), "--images",
+                                      str(tmp_path / "qs" / "data" / "images"), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output[result.output.index("{"):])["accuracy"] == report["accuracy"]["teacher"]
