@@ -63,6 +63,7 @@ def train(cfg: TrainConfig) -> Path | None:
     torch.manual_seed(cfg.seed)
     run_dir = Path(cfg.out)
     refuse_used_run_dir(run_dir, cfg)
+    distributed.barrier()                             # every rank checks before rank 0 creates files in it
     bundle = models.load_bundle(cfg.student, trust_remote_code=cfg.trust_remote_code)
     model = bundle.model.to(device)
     trainable = set_trainable(model, cfg.trainable)

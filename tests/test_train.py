@@ -321,18 +321,23 @@ def test_killed_and_resumed_run_sees_the_same_samples_and_ends_with_the_same_wei
     finally:
         torch.set_num_threads(threads)
     proc = cli(*train_args(tiny_student_dir, cache, killed))
-    deadline = time.time() + 120
-    while not (killed / "checkpoints" / "step-000000004").exists() and proc.poll() is None and time.time() < deadline:
+    metrics, deadline = killed / "metrics.jsonl", time.time() + 120
+    # killed just after step 5's metrics line: it resumes from step 4's checkpoint and must drop that line
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 5) and proc.poll() is None \
+            and time.time() < deadline:
         time.sleep(0.01)
     assert proc.poll() is None, "the run finished before it could be killed: " + proc.stdout.read()
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (killed / "final").exists()
-    steps_at_kill = len(read_metrics(killed))
-    assert 4 <= steps_at_kill < 8
+    resumed_from = int(checkpoint.latest_checkpoint(killed).name.removeprefix("step-"))
+    kept = metrics.read_text().splitlines()[:resumed_from]
+    assert 4 <= resumed_from < 8
     resumed = cli(*train_args(tiny_student_dir, cache, killed, "--resume"))
     output = resumed.communicate(timeout=300)[0]
     assert resumed.returncode == 0, output
+    # lines up to the checkpoint are the killed run's own (samples_per_s is timing): the run did not start over
+    assert metrics.read_text().splitlines()[:resumed_from] == kept
 
     expected, got = read_metrics(whole), read_metrics(killed)
     assert [m["step"] for m in got] == list(range(1, 9))
