@@ -39,14 +39,21 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def save_checkpoint(run_dir: Path, step: int, named_params: dict[str, torch.nn.Parameter],
-                    optimizer: torch.optim.Optimizer, state: dict, keep: int = 2) -> Path:
-    """Write one checkpoint atomically and keep only the newest `keep`."""
+                    optimizer: torch.optim.Optimizer, state: dict, keep: int = 2, write: bool = True) -> Path:
+    """Write one checkpoint atomically and keep only the newest `keep`.
+
+    FSDP-sharded (DTensor) parameters and moments are gathered to full tensors first: then every
+    rank must call this, and only the one with `write=True` writes.
+    """
+    weights = {n: full_tensor(p.detach()).cpu().contiguous() for n, p in named_params.items()}
+    moments, hyper = optimizer_tensors(named_params, optimizer)
     final = checkpoint_dir(run_dir, step)
+    if not write:
+        return final
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({n: p.detach().cpu().contiguous() for n, p in named_params.items()}, tmp / "trainable.safetensors")
-    moments, hyper = optimizer_tensors(named_params, optimizer)
+    save_file(weights, tmp / "trainable.safetensors")
     save_file(moments, tmp / "optimizer.safetensors")
     save_file(rng_tensors(), tmp / "rng.safetensors")
     (tmp / "state.json").write_text(json.dumps({**state, "step": step, "optimizer": hyper}, indent=2))
@@ -66,7 +73,7 @@ def load_checkpoint(path: Path, named_params: dict[str, torch.nn.Parameter],
                            "that do not match this stage's trainable set; was it written by another stage?")
     with torch.no_grad():
         for name, param in named_params.items():
-            param.copy_(weights[name].to(param.device, param.dtype))
+            param.copy_(like(param, weights[name]))
     state = json.loads((path / "state.json").read_text())
     load_optimizer_tensors(load_file(path / "optimizer.safetensors"), state["optimizer"], named_params, optimizer)
     restore_rng(load_file(path / "rng.safetensors"))
@@ -75,11 +82,10 @@ def load_checkpoint(path: Path, named_params: dict[str, torch.nn.Parameter],
 
 def optimizer_tensors(named_params: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer):
     """AdamW state as {param_name.moment: tensor} plus the JSON-able param-group hyper-parameters."""
-    by_id = {id(p): n for n, p in named_params.items()}
     tensors = {}
-    for param, slots in optimizer.state.items():
-        for slot, value in slots.items():
-            tensors[f"{by_id[id(param)]}.{slot}"] = torch.as_tensor(value).detach().cpu().contiguous()
+    for name, param in named_params.items():                 # the same order on every rank (gathers)
+        for slot, value in sorted(optimizer.state.get(param, {}).items()):
+            tensors[f"{name}.{slot}"] = full_tensor(torch.as_tensor(value).detach()).cpu().contiguous()
     groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     return tensors, {"param_groups": groups}
 
@@ -92,7 +98,28 @@ def load_optimizer_tensors(tensors: dict, hyper: dict, named_params: dict[str, t
         slots = {key.removeprefix(name + "."): value for key, value in tensors.items()
                  if key.startswith(name + ".") and "." not in key.removeprefix(name + ".")}
         if slots:
-            optimizer.state[param] = {k: (v if k == "step" else v.to(param.device)) for k, v in slots.items()}
+            optimizer.state[param] = {k: (v if k == "step" else like(param, v)) for k, v in slots.items()}
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of an FSDP-sharded DTensor (a collective), or the tensor itself."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def like(param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """`full` on param's device and dtype, sharded like param when param is a DTensor."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(param, DTensor):
+        return distribute_tensor(full.to(param.dtype), param.device_mesh, param.placements)
+    return full.to(param.device, param.dtype)
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer as a full CPU tensor; with FSDP every rank must call it."""
+    return {name: full_tensor(value.detach()).cpu() for name, value in model.state_dict().items()}
 
 
 def rng_tensors() -> dict[str, torch.Tensor]:

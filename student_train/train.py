@@ -66,7 +66,7 @@ def train(cfg: TrainConfig) -> Path | None:
     distributed.barrier()                             # every rank checks before rank 0 creates files in it
     bundle = models.load_bundle(cfg.student, trust_remote_code=cfg.trust_remote_code)
     model = bundle.model.to(device)
-    trainable = set_trainable(model, cfg.trainable)
+    set_trainable(model, cfg.trainable)
     model.train()                                     # load_bundle gives eval(); HF checkpoints layers only in train()
     model.model.vision_tower.eval()                   # frozen: no dropout noise in its features
     if cfg.grad_checkpointing:
@@ -89,17 +89,21 @@ def train(cfg: TrainConfig) -> Path | None:
         raise KdcacheError(f"{len(dataset)} samples make no full optimizer step of "
                            f"{cfg.batch_size} x {grad_accum} x {topo.world_size}; lower --batch-size/--global-batch")
 
-    # --- optimizer and schedule
+    # --- loss module, sharding, optimizer and schedule
+    gram = None
+    if cfg.distils and cfg.gamma > 0 and "llm" not in cfg.trainable:
+        from kdcache.targets import gram_matrix
+
+        with torch.no_grad():
+            gram = gram_matrix(models.lm_head_weight(model))                                 # (D, D) once
+    student_loss = StudentLoss(model, cfg, temperatures, gram)
+    sharded = cfg.fsdp and topo.world_size > 1
+    if sharded:                                       # before the optimizer: sharding replaces the parameters
+        shard_with_fsdp(student_loss)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     optimizer = torch.optim.AdamW(trainable.values(), lr=cfg.resolved_lr, weight_decay=cfg.weight_decay)
     warmup = math.ceil(cfg.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total_steps))
-    head_frozen = "llm" not in cfg.trainable
-    gram = None
-    if cfg.distils and cfg.gamma > 0 and head_frozen:
-        from kdcache.targets import gram_matrix
-
-        gram = gram_matrix(models.lm_head_weight(model).detach())                            # (D, D) once
-    student_loss = StudentLoss(model, cfg, temperatures, gram)
 
     # --- resume
     step = 0
@@ -110,7 +114,10 @@ def train(cfg: TrainConfig) -> Path | None:
         sampler.load_state_dict(state["sampler"])
     if cfg.resume and topo.is_main:                   # also without a checkpoint: the run restarts at step 0
         truncate_metrics(run_dir / "metrics.jsonl", step)
-    wrapped = wrap_distributed(student_loss, cfg, topo, device)
+    wrapped = student_loss
+    if topo.world_size > 1 and not sharded:
+        wrapped = DistributedDataParallel(student_loss, device_ids=[device.index] if device.type == "cuda" else None,
+                                          find_unused_parameters=True)
 
     # --- loop
     loader = make_loader(dataset, sampler, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
@@ -149,14 +156,18 @@ def train(cfg: TrainConfig) -> Path | None:
         bar.update(1)
         bar.set_postfix(loss=f"{sums['loss']:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}")
         if step % cfg.save_every == 0 or step == total_steps:
-            save_state(run_dir, step, trainable, optimizer, scheduler, sampler, topo)
+            save_state(run_dir, step, trainable, optimizer, scheduler, sampler, topo, sharded)
     bar.close()
 
     # --- finalize
     final = None
+    full_state = checkpoint.full_state_dict(model) if sharded else None    # collective: every rank
     if topo.is_main:
         metrics_file.close()
         final = run_dir / "final"
+        if sharded:                                   # rank 0 saves an unsharded copy of the student
+            bundle = models.load_bundle(cfg.student, trust_remote_code=cfg.trust_remote_code)
+            bundle.model.load_state_dict(full_state)
         models.save_bundle(bundle, final, stages=[*bundle_stages(bundle), cfg.stage])
         plot_metrics(run_dir / "metrics.jsonl", run_dir / "loss.png", title=f"{cfg.stage}: {cfg.student}")
     distributed.barrier()
@@ -205,18 +216,17 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def wrap_distributed(module: torch.nn.Module, cfg: TrainConfig, topo, device):
-    if topo.world_size == 1:
-        return module
-    if cfg.fsdp:
-        from torch.distributed.fsdp import fully_shard
+def shard_with_fsdp(student_loss: StudentLoss) -> None:
+    """FSDP2: one unit per LLM decoder layer, the rest (tower, projector, embeddings, head) in the root.
 
-        for layer in module.model.model.language_model.layers:
-            fully_shard(layer)
-        fully_shard(module)
-        return module
-    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
-                                   find_unused_parameters=True)
+    The root is the loss module, whose forward the loop calls, so the head's weight is gathered for
+    the chunked losses. Frozen and trainable parameters may share a unit.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in student_loss.model.model.language_model.layers:
+        fully_shard(layer)
+    fully_shard(student_loss)
 
 
 def next_batch(batches, loader, sampler):
@@ -244,10 +254,12 @@ def mean_over_ranks(values: dict[str, float], device) -> dict[str, float]:
     return {k: float(v) / dist.get_world_size() for k, v in zip(keys, t.tolist())}
 
 
-def save_state(run_dir, step, trainable, optimizer, scheduler, sampler, topo) -> None:
-    if topo.is_main:
+def save_state(run_dir, step, trainable, optimizer, scheduler, sampler, topo, sharded: bool) -> None:
+    """Rank 0 writes; with FSDP every rank takes part in gathering the full tensors first."""
+    if topo.is_main or sharded:
         checkpoint.save_checkpoint(run_dir, step, trainable, optimizer,
-                                   {"scheduler": scheduler.state_dict(), "sampler": sampler.state_dict()})
+                                   {"scheduler": scheduler.state_dict(), "sampler": sampler.state_dict()},
+                                   write=topo.is_main)
     distributed.barrier()
 
 
