@@ -26,8 +26,8 @@ FUNCTION_WORDS = ("what", "color", "colour", "shape", "how", "many", "is", "the"
 
 VOCAB_SIZE = 600
 TOWER_SEED = 1234          # one tower for teacher and student
-TOY_VISION = dict(image_size=64, patch_size=8, hidden_size=64, intermediate_size=128,
-                  num_hidden_layers=2, num_attention_heads=2)                  # 8x8 patches -> 63 visual tokens
+TOY_VISION = dict(image_size=64, patch_size=16, hidden_size=64, intermediate_size=128,
+                  num_hidden_layers=2, num_attention_heads=2)                  # 4x4 patches -> 15 visual tokens
 TOY_PRESETS: dict[str, dict] = {
     "toy-teacher": dict(seed=1, text=dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4,
                                           num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False)),
