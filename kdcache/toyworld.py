@@ -231,7 +231,9 @@ def _split(rng: random.Random, split: str, count: int, image_size: int, images_d
 
 
 def _write_json(path: Path, samples: list[dict]) -> None:
-    path.write_text(json.dumps(samples, indent=1) + "\n", encoding="utf-8")
+    """A JSON list with one sample per line: diffable, and 5x faster than indent= (C encoder)."""
+    lines = ",\n".join(json.dumps(sample) for sample in samples)
+    path.write_text(f"[\n{lines}\n]\n", encoding="utf-8")
 
 
 def generate(out_dir, *, num_train: int = 2000, num_eval: int = 200, image_size: int = 64,
