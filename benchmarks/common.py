@@ -202,6 +202,30 @@ def make_dataset(folder: Path, num_samples: int, *, seed: int = 0, answer_words:
     return data
 
 
+def dump_cache(bundle: models.Bundle, data: Path, out: Path, *, batch_size: int = 2) -> dict:
+    """A real cache of `data` from `bundle`: the loop of `teacher_dump.dump.dump` (prepare ->
+    teacher_targets -> ShardWriter), then the rank report and `finalize_cache`. Returns the manifest."""
+    from kdcache import samples, shards, targets
+    from teacher_dump import dump
+    from teacher_dump.config import DumpConfig
+
+    cfg = DumpConfig(teacher=bundle.source, data=str(data), out=str(out), images=str(data.parent / "images"),
+                     batch_size=batch_size, device="cpu", dtype="float32", progress=False, allow_untrained=True)
+    model = bundle.model.eval()
+    visual_len = models.visual_len_of(model.config)
+    prepared = [dump.prepare(r, cfg, bundle, visual_len, Path(cfg.images)) for r in samples.load_records(data)]
+    weight = models.lm_head_weight(model)
+    with torch.no_grad():
+        gram = targets.gram_matrix(weight)
+    with shards.ShardWriter(out, rank=0, k_response=cfg.topk_response, k_visual=cfg.topk_visual) as writer:
+        for batch in dump.batched(prepared, batch_size):
+            for sample in dump.teacher_targets(batch, model, bundle, weight, gram, cfg, torch.device("cpu"),
+                                               torch.float32):
+                writer.write(sample)
+    shards.write_rank_report(out, 0, skipped=[])
+    return shards.finalize_cache(out, dump.run_description(cfg, bundle, visual_len, torch.float32, 1))
+
+
 # --- timing and reporting
 
 
@@ -210,14 +234,11 @@ def set_threads(threads: int) -> None:
     os.environ["OMP_NUM_THREADS"] = str(threads)
 
 
-def timed(fn, *, repeat: int = 1) -> list[float]:
-    """Wall seconds of `repeat` calls of `fn`."""
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
+def measure(fn):
+    """(fn(), process CPU seconds, wall seconds) of one call."""
+    cpu, wall = time.process_time(), time.perf_counter()
+    out = fn()
+    return out, time.process_time() - cpu, time.perf_counter() - wall
 
 
 def machine() -> dict:
@@ -238,6 +259,17 @@ def machine() -> dict:
     return {"date": DATE, "commit": commit, "cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(),
             "load_avg_1m_start": round(load[0], 2)}
+
+
+def rounded(value):
+    """JSON-friendly: floats to 4 significant digits, recursively."""
+    if isinstance(value, float):
+        return float(f"{value:.4g}")
+    if isinstance(value, dict):
+        return {k: rounded(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [rounded(v) for v in value]
+    return value
 
 
 def print_table(title: str, header: list[str], rows: list[list]) -> None:

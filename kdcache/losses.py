@@ -13,6 +13,9 @@ LM head). The LLaVA-KD objective (arXiv 2410.16236, DESIGN section 5):
 
 Logits are only ever computed for the rows that need them, `chunk_rows` at a time, each chunk
 recomputed in backward (`row_losses`), so the student never holds a (B, T, V) float32 tensor.
+The common case (bucket tail, T = 1 when CE and KL share rows) runs through `_BucketRows`, whose
+hand-written backward reuses one (n, V) buffer in place; the rest runs `_chunk_losses` under
+activation checkpointing. Both give the same values and gradients.
 """
 
 from __future__ import annotations
@@ -151,6 +154,99 @@ def _chunk_losses(hidden: Tensor, lm_head_weight: Tensor, labels: Tensor | None,
     return ce, kl
 
 
+def _chunk_logits(hidden: Tensor, lm_head_weight: Tensor, temperature: float) -> Tensor:
+    """(n, V) `hidden Wᵀ / T` in the compute dtype (float32, or float64 for float64 inputs), autocast off."""
+    dtype = compute_dtype(hidden, lm_head_weight)
+    with torch.autocast(hidden.device.type, enabled=False):
+        logits = hidden.to(dtype) @ lm_head_weight.to(dtype).T
+    if temperature != 1.0:
+        logits /= temperature
+    return logits
+
+
+class _BucketRows(torch.autograd.Function):
+    """CE and bucket-tail sparse KL of one chunk of rows, backward written by hand; same values and
+    gradients as `_chunk_losses` under checkpointing, at a fraction of its (n, V) passes.
+
+    One (n, V) buffer holds the logits, then (in place) their exponentials, then the gradient; only
+    per-row scalars are saved, the logits are recomputed in backward. With the teacher's top-k set
+    to -inf in that buffer, `m_out` = the largest logit outside the top-k and
+
+        lse_out = m_out + log sum_{i not in top-k} exp(z_i - m_out)      (the sum is >= 1: stable)
+        lse     = logaddexp(lse_out, logsumexp(z_topk)),   log q_tail = lse_out - lse
+
+    which is exact however small q_tail is (as the masked log-sum-exp of `sparse_kl`). With
+    a = g_ce + g_kl (sum_j p_j + p_tail) the gradient of g_ce CE + g_kl KL is
+
+        dz_i = a q_i - g_kl p_i [i in top-k] - g_kl p_tail exp(z_i - lse_out) [i outside] - g_ce [i = y]
+
+    and outside the top-k both exponentials are exp(z_i - m_out) <= 1 times a per-row factor.
+    Inputs as `_chunk_losses`; `temperature` divides the logits of the KL (CE and KL together
+    only at T = 1: CE is always at T = 1). Returns (ce (n,), kl (n,)); a term not asked for is an
+    empty (0,) tensor.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, lm_head_weight, labels, topk_ids, topk_logprobs, temperature):
+        temperature = temperature if topk_ids is not None else 1.0
+        z = _chunk_logits(hidden, lm_head_weight, temperature)              # (n, V), overwritten below
+        z_label = z.gather(1, labels[:, None]).squeeze(1) if labels is not None else None
+        pivot = lse_out = z_k = None
+        if topk_ids is None:
+            pivot = z.amax(dim=1)                                            # (n,)
+            lse = pivot + z.sub_(pivot[:, None]).exp_().sum(dim=1).log()
+        else:
+            z_k = z.gather(1, topk_ids)                                      # (n, K)
+            lse = torch.logsumexp(z_k, dim=1)
+            if topk_ids.shape[1] < z.shape[1]:                               # ids are unique: an outside exists
+                z.scatter_(1, topk_ids, float("-inf"))
+                pivot = z.amax(dim=1)                                        # (n,) max outside the top-k
+                lse_out = pivot + z.sub_(pivot[:, None]).exp_().sum(dim=1).log()
+                lse = torch.logaddexp(lse_out, lse)
+        ce = lse - z_label if labels is not None else lse.new_zeros(0)
+        kl = p_tail = lse.new_zeros(0)
+        if topk_ids is not None:
+            log_p = topk_logprobs.to(z.dtype)                                # (n, K)
+            kl = _topk_kl(log_p, z_k - lse[:, None])
+            p_tail = torch.zeros_like(lse)
+            if lse_out is not None:
+                p_tail = 1.0 - log_p.exp().sum(dim=1)
+                has_tail = p_tail > NO_TAIL
+                p_tail = torch.where(has_tail, p_tail, 0.0)
+                kl = kl + p_tail * (torch.log(torch.where(has_tail, p_tail, 1.0)) - (lse_out - lse))
+        ctx.temperature = temperature
+        ctx.save_for_backward(hidden, lm_head_weight, labels, topk_ids, topk_logprobs, lse, pivot, lse_out, p_tail)
+        return ce, kl
+
+    @staticmethod
+    def backward(ctx, g_ce, g_kl):
+        hidden, weight, labels, topk_ids, topk_logprobs, lse, pivot, lse_out, p_tail = ctx.saved_tensors
+        z = _chunk_logits(hidden, weight, ctx.temperature)                  # (n, V): logits, then dL/dz
+        a = torch.zeros_like(lse) + (g_ce if labels is not None else 0.0)   # (n,) coefficient of q_i
+        if topk_ids is None:
+            z.sub_(pivot[:, None]).exp_().mul_((a * (pivot - lse).exp())[:, None])
+        else:
+            g_kl = g_kl / ctx.temperature                                    # z = logits / T
+            p = topk_logprobs.to(z.dtype).exp()                              # (n, K)
+            a = a + g_kl * (p.sum(dim=1) + p_tail)
+            grad_k = a[:, None] * (z.gather(1, topk_ids) - lse[:, None]).exp() - g_kl[:, None] * p
+            if lse_out is None:
+                z.zero_()
+            else:
+                coef = a * (pivot - lse).exp() - g_kl * p_tail * (pivot - lse_out).exp()
+                z.scatter_(1, topk_ids, float("-inf")).sub_(pivot[:, None]).exp_().mul_(coef[:, None])
+            z.scatter_(1, topk_ids, grad_k)
+        if labels is not None:
+            z.scatter_add_(1, labels[:, None], -g_ce[:, None].to(z.dtype))
+        grad_hidden = grad_weight = None
+        with torch.autocast(z.device.type, enabled=False):
+            if ctx.needs_input_grad[0]:
+                grad_hidden = (z @ weight.to(z.dtype)).to(hidden.dtype)     # (n, D)
+            if ctx.needs_input_grad[1]:
+                grad_weight = (z.T @ hidden.to(z.dtype)).to(weight.dtype)   # (V, D)
+        return grad_hidden, grad_weight, None, None, None, None
+
+
 def row_losses(hidden: Tensor, lm_head_weight: Tensor, *, labels: Tensor | None = None,
                topk_ids: Tensor | None = None, topk_logprobs: Tensor | None = None, temperature: float = 1.0,
                tail: str = "bucket", chunk_rows: int = 512) -> tuple[Tensor | None, Tensor | None]:
@@ -158,9 +254,11 @@ def row_losses(hidden: Tensor, lm_head_weight: Tensor, *, labels: Tensor | None 
 
     hidden (N, D), lm_head_weight (V, D) any float dtype; labels (N,) int64 or None; topk_ids,
     topk_logprobs (N, K) or both None -> (ce (N,) float32 or None, kl (N,) float32 or None).
-    Logits are computed `chunk_rows` rows at a time under activation checkpointing, so forward
-    keeps no logits and backward recomputes one chunk at a time: peak memory is a few
-    (chunk_rows, V) float32 buffers, whatever N. Values and gradients equal the unchunked ones.
+    Logits are computed `chunk_rows` rows at a time and never kept: forward saves per-row scalars,
+    backward recomputes one chunk at a time, so peak memory is a few (chunk_rows, V) float32
+    buffers, whatever N. With tail="bucket" (and T = 1 when CE and KL are both asked for) each
+    chunk runs `_BucketRows` (hand-written backward, one (chunk_rows, V) buffer); otherwise
+    `_chunk_losses` under activation checkpointing. Values and gradients equal the unchunked ones.
     N = 0 gives empty (0,) tensors that are still attached to the graph (their sum has a grad).
     """
     if (topk_ids is None) != (topk_logprobs is None):
@@ -169,12 +267,17 @@ def row_losses(hidden: Tensor, lm_head_weight: Tensor, *, labels: Tensor | None 
         return None, None
     fn = functools.partial(_chunk_losses, temperature=temperature, tail=tail)
     recompute = torch.is_grad_enabled() and (hidden.requires_grad or lm_head_weight.requires_grad)
+    # CE is always at T = 1: the fast path shares one log-sum-exp between CE and KL only when T = 1.
+    fast = tail == "bucket" and (labels is None or topk_ids is None or temperature == 1.0)
     ce_parts, kl_parts = [], []
     for start in range(0, max(hidden.shape[0], 1), chunk_rows):             # N = 0: one empty chunk
         rows = slice(start, start + chunk_rows)
         args = (hidden[rows], lm_head_weight, None if labels is None else labels[rows],
                 None if topk_ids is None else topk_ids[rows], None if topk_ids is None else topk_logprobs[rows])
-        ce, kl = checkpoint(fn, *args, use_reentrant=False) if recompute else fn(*args)
+        if fast:
+            ce, kl = _BucketRows.apply(*args, temperature)
+        else:
+            ce, kl = checkpoint(fn, *args, use_reentrant=False) if recompute else fn(*args)
         ce_parts.append(ce)
         kl_parts.append(kl)
     return (None if labels is None else torch.cat(ce_parts),

@@ -94,14 +94,37 @@ def gram_matrix(lm_head_weight: Tensor, *, chunk: int = 16384) -> Tensor:
     is 4.7e-7 with float32 accumulation and 4.7e-7 with float64 (the H G Hᵀ product dominates),
     both far below the 2e-4 of the float16 storage.
     """
-    v, d = lm_head_weight.shape
-    dtype = compute_dtype(lm_head_weight)
-    gram = torch.zeros(d, d, dtype=dtype, device=lm_head_weight.device)   # (D, D) float32
-    with torch.autocast(lm_head_weight.device.type, enabled=False):
-        for start in range(0, v, chunk):
-            w = lm_head_weight[start: start + chunk].to(dtype)              # (c, D) float32
-            gram = gram + w.T @ w
-    return gram
+    return _Gram.apply(lm_head_weight, chunk)
+
+
+class _Gram(torch.autograd.Function):
+    """`gram_matrix` with a hand-written backward: `dW = W (dG + dGᵀ)`, one (c, D) x (D, D) matmul per
+    vocabulary chunk, where autograd through `w.T @ w` takes two (one per operand)."""
+
+    @staticmethod
+    def forward(ctx, lm_head_weight: Tensor, chunk: int) -> Tensor:
+        v, d = lm_head_weight.shape
+        dtype = compute_dtype(lm_head_weight)
+        gram = torch.zeros(d, d, dtype=dtype, device=lm_head_weight.device)   # (D, D) float32
+        with torch.autocast(lm_head_weight.device.type, enabled=False):
+            for start in range(0, v, chunk):
+                w = lm_head_weight[start: start + chunk].to(dtype)              # (c, D) float32
+                gram += w.T @ w
+        ctx.save_for_backward(lm_head_weight)
+        ctx.chunk = chunk
+        return gram
+
+    @staticmethod
+    def backward(ctx, grad_gram: Tensor):
+        (lm_head_weight,) = ctx.saved_tensors
+        dtype = compute_dtype(lm_head_weight)
+        sym = (grad_gram + grad_gram.T).to(dtype)                              # (D, D)
+        grad = torch.empty_like(lm_head_weight)                                # (V, D), W's dtype
+        with torch.autocast(lm_head_weight.device.type, enabled=False):
+            for start in range(0, lm_head_weight.shape[0], ctx.chunk):
+                w = lm_head_weight[start: start + ctx.chunk].to(dtype)
+                grad[start: start + ctx.chunk] = w @ sym
+        return grad, None
 
 
 def relation_from_hidden(hidden_visual: Tensor, gram: Tensor) -> Tensor:
