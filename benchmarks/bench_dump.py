@@ -73,16 +73,8 @@ class Clock:
 
 def forward_inputs(batch: list[dump.Prepared], bundle) -> dict:
     """The tensors `teacher_targets` builds, built once here: padded ids, mask, preprocessed images."""
-    pad_id = bundle.tokenizer.pad_token_id
-    lengths = [len(p.sequence.input_ids) for p in batch]
-    input_ids = torch.full((len(batch), max(lengths)), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    for b, p in enumerate(batch):
-        input_ids[b, : lengths[b]] = torch.tensor(p.sequence.input_ids)
-        attention_mask[b, : lengths[b]] = 1
-    images = [p.image for p in batch if p.image is not None]
-    return {"input_ids": input_ids, "attention_mask": attention_mask,
-            "pixel_values": samples.pixel_values(images, bundle.image_processor)}
+    input_ids, attention_mask, pixel_values = dump.padded_inputs(batch, bundle)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
 
 
 def run_forward(model, inputs: list[dict]) -> None:

@@ -46,7 +46,8 @@ def main() -> None:
     summary = {scheme: {"mean": statistics.mean(accs), "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
                         "runs": accs} for scheme, accs in runs.items()}
     print(f"\nteacher {teacher_acc:.3f}; {len(args.seeds)} seeds; steps per stage: pt/dpt {plan.student_pt_steps}, "
-          f"sft {plan.student_sft_steps}, dft {plan.student_dft_steps}; batch {plan.batch_size}")
+          f"sft {plan.student_sft_steps} (+{plan.student_dft_steps} without dft), dft {plan.student_dft_steps}; "
+          f"batch {plan.batch_size}")
     print(f"{'scheme':<12} {'mean':>6} {'std':>6}  runs")
     for scheme, s in summary.items():
         print(f"{scheme:<12} {s['mean']:>6.3f} {s['std']:>6.3f}  {' '.join(f'{a:.3f}' for a in s['runs'])}")

@@ -22,13 +22,14 @@ from kdcache import toyworld
 
 @dataclass(frozen=True)
 class Plan:
-    """Sizes of the toy run. Stage pairs that are compared (PT/DPT, SFT/DFT) get equal steps."""
+    """Sizes of the toy run. PT and DPT get equal steps; a scheme without DFT gives its steps to SFT,
+    so every scheme trains the student for the same number of steps on the same data."""
 
     num_train: int = 1500
     num_eval: int = 200
     batch_size: int = 16
     teacher_pt_steps: int = 60
-    teacher_sft_steps: int = 400
+    teacher_sft_steps: int = 800          # much fewer and the toy teacher does not learn to look (decisions.md)
     student_pt_steps: int = 60
     student_sft_steps: int = 150
     student_dft_steps: int = 150
@@ -83,12 +84,12 @@ class Recipe:
         return str(self.timed(name, train, cfg))
 
     def teacher(self) -> str:
-        """toy-teacher trained PT (captions) then SFT (questions), with the students' trainer."""
+        """toy-teacher trained PT (captions) then SFT (questions and captions), with the students' trainer."""
         world, plan = self.world, self.plan
         images = str(world["images_dir"])
         pt = self.train("teacher-pt", "pt", "toy-teacher", plan.teacher_pt_steps,
                         data=str(world["captions"]), images=images)
-        return self.train("teacher-sft", "sft", pt, plan.teacher_sft_steps, data=str(world["train"]), images=images)
+        return self.train("teacher-sft", "sft", pt, plan.teacher_sft_steps, data=str(world["teacher"]), images=images)
 
     def dump(self, teacher: str) -> dict[str, str]:
         """Two caches through `kdcache dump`: captions (plain) and questions (qwen2_base)."""
@@ -109,9 +110,12 @@ class Recipe:
     def student(self, scheme: str, caches: dict[str, str], *, tag: str, seed: int | None = None) -> str:
         """Train toy-student through a scheme's stages (all from the caches); returns the final checkpoint."""
         plan, model = self.plan, "toy-student"
-        steps = {"pt": plan.student_pt_steps, "dpt": plan.student_pt_steps, "sft": plan.student_sft_steps,
+        stages = SCHEMES[scheme]
+        # Every scheme gets the same number of steps: without a DFT stage, SFT runs DFT's steps too.
+        sft_steps = plan.student_sft_steps + (0 if "dft" in stages else plan.student_dft_steps)
+        steps = {"pt": plan.student_pt_steps, "dpt": plan.student_pt_steps, "sft": sft_steps,
                  "dft": plan.student_dft_steps}
-        for stage in SCHEMES[scheme]:
+        for stage in stages:
             cache = caches["captions" if stage in ("pt", "dpt") else "questions"]
             model = self.train(f"{tag}-{stage}", stage, model, steps[stage], seed=seed, cache=cache)
         return model

@@ -7,6 +7,7 @@ on a plain white or black background. `generate` writes
     OUT/captions.json   plain stage: "<image>\\nDescribe the image." -> systematic caption
     OUT/train.json      qwen2_base stage: 1-3 question/answer turns per train image
     OUT/eval.json       the same on held-out images (no image bytes shared with train)
+    OUT/teacher.json    train.json and captions.json together: the toy teacher's SFT data
 
 Every sample is ordinary LLaVA JSON (`id`, `image`, `conversations`) plus two extra keys that
 loaders ignore: top-level `scene` (background and per-object shape, color, size, position, x, y,
@@ -242,8 +243,10 @@ def generate(out_dir, *, num_train: int = 2000, num_eval: int = 200, image_size:
 
     Train and eval draw from separate seeded streams, so the eval set does not change with
     num_train (unless a train scene collides with it); no eval image equals a train image.
-    captions.json covers the train images only. Returns {"out_dir", "images_dir", "captions",
-    "train", "eval": Path, "num_train", "num_eval", "num_train_turns", "num_eval_turns": int}.
+    captions.json covers the train images only. teacher.json is train.json followed by captions.json:
+    the captions' dense, image-determined words are what teach a from-scratch toy LM to look at the
+    image (docs/decisions.md, "Toy world"). Returns {"out_dir", "images_dir", "captions", "train",
+    "eval", "teacher": Path, "num_train", "num_eval", "num_train_turns", "num_eval_turns": int}.
     """
     if num_train < 1 or num_eval < 0 or image_size < 32:
         raise ValueError(f"need num_train >= 1, num_eval >= 0, image_size >= 32; got "
@@ -257,10 +260,11 @@ def generate(out_dir, *, num_train: int = 2000, num_eval: int = 200, image_size:
     evaluation, _ = _split(random.Random(f"toyworld-{seed}-eval"), "eval", num_eval,
                            image_size, images_dir, taken)
     paths = {"captions": out_dir / "captions.json", "train": out_dir / "train.json",
-             "eval": out_dir / "eval.json"}
+             "eval": out_dir / "eval.json", "teacher": out_dir / "teacher.json"}
     _write_json(paths["captions"], captions)
     _write_json(paths["train"], train)
     _write_json(paths["eval"], evaluation)
+    _write_json(paths["teacher"], train + captions)
     return {"out_dir": out_dir, "images_dir": images_dir, **paths,
             "num_train": num_train, "num_eval": num_eval,
             "num_train_turns": sum(len(s["conversations"]) // 2 for s in train),

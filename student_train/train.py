@@ -70,7 +70,9 @@ def train(cfg: TrainConfig) -> Path | None:
     model.train()                                     # load_bundle gives eval(); HF checkpoints layers only in train()
     model.model.vision_tower.eval()                   # frozen: no dropout noise in its features
     if cfg.grad_checkpointing:
-        model.model.language_model.gradient_checkpointing_enable()
+        lm = model.model.language_model
+        enable = getattr(lm, "activation_checkpointing_enable", lm.gradient_checkpointing_enable)  # renamed in 5.x
+        enable()
 
     # --- data
     dataset, temperatures = build_dataset(cfg, bundle)

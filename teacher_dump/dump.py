@@ -198,19 +198,24 @@ def batched(items, size: int):
         yield batch
 
 
-@torch.inference_mode()
-def teacher_targets(batch: list[Prepared], model, bundle: models.Bundle, weight: torch.Tensor,
-                    gram: torch.Tensor | None, cfg: DumpConfig, device: torch.device, dtype: torch.dtype):
-    """One teacher forward over a padded batch; yields one shard record per sample."""
-    pad_id = bundle.tokenizer.pad_token_id
+def padded_inputs(batch: list[Prepared], bundle: models.Bundle):
+    """(input_ids, attention_mask) right-padded to the longest sequence, and the batch's pixel values (or None)."""
     lengths = [len(p.sequence.input_ids) for p in batch]
-    input_ids = torch.full((len(batch), max(lengths)), pad_id, dtype=torch.long)
+    input_ids = torch.full((len(batch), max(lengths)), bundle.tokenizer.pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros_like(input_ids)
     for b, p in enumerate(batch):
         input_ids[b, : lengths[b]] = torch.tensor(p.sequence.input_ids)
         attention_mask[b, : lengths[b]] = 1
     images = [p.image for p in batch if p.image is not None]
-    pixels = samples.pixel_values(images, bundle.image_processor).to(device, dtype) if images else None
+    return input_ids, attention_mask, samples.pixel_values(images, bundle.image_processor) if images else None
+
+
+@torch.inference_mode()
+def teacher_targets(batch: list[Prepared], model, bundle: models.Bundle, weight: torch.Tensor,
+                    gram: torch.Tensor | None, cfg: DumpConfig, device: torch.device, dtype: torch.dtype):
+    """One teacher forward over a padded batch; yields one shard record per sample."""
+    input_ids, attention_mask, pixels = padded_inputs(batch, bundle)
+    pixels = pixels.to(device, dtype) if pixels is not None else None
     hidden = models.final_hidden_states(model, input_ids.to(device), attention_mask.to(device), pixels)  # (B, T, D)
 
     response = [hidden[b, torch.tensor(p.sequence.response_rows, dtype=torch.long, device=device)]

@@ -220,6 +220,20 @@ def test_toy_presets_share_tokenizer_and_tower_and_the_teacher_is_several_times_
     assert not teacher.projector_trained and teacher.source == "toy-teacher"
 
 
+def test_toy_tower_patch_embedding_reads_each_sub_block_colour():
+    """The toy tower's first 48 patch channels are the per-channel means of each patch's 4 x 4 sub-blocks."""
+    bundle = models.load_bundle("toy-student")
+    image = torch.zeros(1, 3, 64, 64)
+    image[0, :, 20:24, 36:40] = torch.tensor([0.5, -0.25, 1.0])[:, None, None]  # patch (1, 2), sub-block (1, 1)
+    with torch.no_grad():
+        patches = bundle.model.model.vision_tower.embeddings.patch_embedding(image)  # (1, 64, 4, 4)
+    pooled = patches[0, :48].reshape(3, 4, 4, 4, 4)                                 # channel, sub-row, sub-col, patch
+    expected = torch.zeros_like(pooled)
+    expected[:, 1, 1, 1, 2] = torch.tensor([0.5, -0.25, 1.0])
+    torch.testing.assert_close(pooled, expected)
+    assert patches[0, 48:].abs().sum() > 0                                           # the rest stay random
+
+
 def test_toy_teacher_runs_a_built_sequence_end_to_end():
     bundle = models.load_bundle("toy-teacher")
     seq = build_sequence([{"from": "human", "value": "<image>\nWhat color is it?"}, {"from": "gpt", "value": "red"}],
@@ -230,7 +244,8 @@ def test_toy_teacher_runs_a_built_sequence_end_to_end():
     ids = torch.tensor([seq.input_ids])
     with torch.no_grad():
         hidden = models.final_hidden_states(bundle.model, ids, torch.ones_like(ids), pixels)
-    assert hidden.shape == (1, len(seq.input_ids), 256) and torch.isfinite(hidden).all()
+    width = bundle.model.config.text_config.hidden_size
+    assert hidden.shape == (1, len(seq.input_ids), width) and torch.isfinite(hidden).all()
 
 
 def test_toy_tokenizer_keeps_toy_world_words_whole(toy_tokenizer):

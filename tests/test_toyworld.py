@@ -81,6 +81,7 @@ def test_generate_reports_paths_and_counts(world):
     assert info["num_eval"] == len(splits["eval"]) == 60
     assert info["num_train_turns"] == sum(len(s["conversations"]) // 2 for s in splits["train"])
     assert info["images_dir"] == out / "images"
+    assert json.loads(info["teacher"].read_text()) == splits["train"] + splits["captions"]
 
 
 def test_train_and_eval_images_are_disjoint(world):
