@@ -1,11 +1,13 @@
 """The paper's Table 2 at toy scale: held-out accuracy of four training schemes over several seeds.
 
-    python benchmarks/bench_recipe.py [--seeds 0 1 2] [--out /tmp/kdcache-recipe]
+    python benchmarks/bench_recipe.py [--seeds 0 1 2] [--out /tmp/kdcache-recipe] [--student-steps-factor 1]
 
 One teacher (PT -> SFT) and one pair of caches serve every scheme and seed (as in the paper, one
 teacher); each (scheme, seed) trains toy-student from scratch through the scheme's stages with the
 quickstart plan's steps, data order seeded by `seed`, and is evaluated on the held-out split by
-greedy generation. Prints a table, then one JSON line:
+greedy generation. `--student-steps-factor F` multiplies every student stage's steps (the teacher's
+stay); `--teacher-from DIR` reuses the teacher and caches of an earlier run's `--out` DIR (they do
+not depend on the student plan or seeds). Prints a table, then one JSON line:
 {"schemes": {"PT-SFT": {"mean": .., "std": .., "runs": [..]}, ...}, "teacher": .., ...}
 """
 
@@ -15,6 +17,8 @@ import argparse
 import json
 import statistics
 import time
+from dataclasses import replace
+from pathlib import Path
 
 from kdcache.quickstart import SCHEMES, Plan, Recipe
 
@@ -23,14 +27,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", default="/tmp/kdcache-recipe")
+    parser.add_argument("--student-steps-factor", type=float, default=1.0)
+    parser.add_argument("--teacher-from", default=None,
+                        help="an earlier run's --out: reuse its teacher and caches (same plan) instead of training")
     args = parser.parse_args()
 
     started = time.perf_counter()
     plan = Plan()
+    plan = replace(plan, **{f"student_{s}_steps": round(args.student_steps_factor * getattr(plan, f"student_{s}_steps"))
+                            for s in ("pt", "sft", "dft")})
     recipe = Recipe(args.out, plan=plan, seed=0, progress=False)
     recipe.data()
-    teacher = recipe.teacher()
-    caches = recipe.dump(teacher)
+    if args.teacher_from:
+        earlier = Path(args.teacher_from)
+        teacher = str(earlier / "runs" / "teacher-sft" / "final")
+        caches = {name: str(earlier / "caches" / name) for name in ("captions", "questions")}
+    else:
+        teacher = recipe.teacher()
+        caches = recipe.dump(teacher)
     teacher_acc = recipe.evaluate("teacher", teacher)["accuracy"]
     runs: dict[str, list[float]] = {scheme: [] for scheme in SCHEMES}
     per_type: dict[str, list[dict]] = {scheme: [] for scheme in SCHEMES}
