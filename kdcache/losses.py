@@ -142,18 +142,6 @@ def relation_loss(student_relation: Tensor, teacher_packed: Tensor) -> Tensor:
 # --- chunked row losses
 
 
-def _chunk_losses(hidden: Tensor, lm_head_weight: Tensor, labels: Tensor | None, topk_ids: Tensor | None,
-                  topk_logprobs: Tensor | None, *, temperature: float, tail: str):
-    """CE and sparse KL of one chunk of rows; the only place where (n, V) logits exist."""
-    dtype = compute_dtype(hidden, lm_head_weight)
-    with torch.autocast(hidden.device.type, enabled=False):
-        logits = hidden.to(dtype) @ lm_head_weight.to(dtype).T               # (n, V) float32
-    ce = F.cross_entropy(logits, labels, reduction="none") if labels is not None else None
-    kl = (sparse_kl(logits, topk_ids, topk_logprobs, temperature=temperature, tail=tail)
-          if topk_ids is not None else None)
-    return ce, kl
-
-
 def _chunk_logits(hidden: Tensor, lm_head_weight: Tensor, temperature: float) -> Tensor:
     """(n, V) `hidden Wᵀ / T` in the compute dtype (float32, or float64 for float64 inputs), autocast off."""
     dtype = compute_dtype(hidden, lm_head_weight)
@@ -162,6 +150,16 @@ def _chunk_logits(hidden: Tensor, lm_head_weight: Tensor, temperature: float) ->
     if temperature != 1.0:
         logits /= temperature
     return logits
+
+
+def _chunk_losses(hidden: Tensor, lm_head_weight: Tensor, labels: Tensor | None, topk_ids: Tensor | None,
+                  topk_logprobs: Tensor | None, *, temperature: float, tail: str):
+    """CE and sparse KL of one chunk of rows through autograd (the general path beside `_BucketRows`)."""
+    logits = _chunk_logits(hidden, lm_head_weight, 1.0)                     # (n, V); sparse_kl applies T
+    ce = F.cross_entropy(logits, labels, reduction="none") if labels is not None else None
+    kl = (sparse_kl(logits, topk_ids, topk_logprobs, temperature=temperature, tail=tail)
+          if topk_ids is not None else None)
+    return ce, kl
 
 
 class _BucketRows(torch.autograd.Function):
