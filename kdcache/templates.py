@@ -17,6 +17,7 @@ verbatim: this module is the only place that turns text into ids.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 from kdcache.errors import KdcacheError, SampleError
 
@@ -24,7 +25,8 @@ IMAGE_TOKEN = "<image>"
 END_TOKEN = "<|endoftext|>"
 SYSTEM_PROMPT = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
                  "helpful, detailed, and polite answers to the user's questions. ")
-TEMPLATES = ("plain", "qwen2_base")
+TemplateName = Literal["plain", "qwen2_base"]     # the only list of template names
+TEMPLATES: tuple[str, ...] = get_args(TemplateName)
 HUMAN, GPT = "human", "gpt"
 
 
