@@ -60,17 +60,3 @@ def resolve_device(device: str, topo: Topology) -> torch.device:
         device = f"cuda:{topo.local_rank}"
     return torch.device(device)
 
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """`auto` is bf16 on a GPU that supports it, float32 elsewhere."""
-    if dtype == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-    if dtype not in names:
-        from kdcache.errors import KdcacheError
-
-        raise KdcacheError(f"unknown --dtype {dtype!r}; choose one of auto, {', '.join(names)}")
-    return names[dtype]

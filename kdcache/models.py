@@ -1,9 +1,9 @@
-"""Loading, composing and saving LLaVA checkpoints (DESIGN §1).
+"""Loading, composing and saving LLaVA checkpoints (docs/design.md §1).
 
-A model is named by a local checkpoint directory, a preset (vision tower id + LLM id, composed
-here with a fresh projector) or a hub id. Every path ends in a `Bundle`: a
-`LlavaForConditionalGeneration` (SigLIP tower, GELU MLP projector, Qwen2 LM), its tokenizer and
-image processor, and whether its projector has been trained yet.
+A model is named by a local checkpoint directory, a preset (`kdcache.presets`: a vision tower id +
+LLM id composed here with a fresh projector, or a toy model built from code) or a hub id. Every
+path ends in a `Bundle`: a `LlavaForConditionalGeneration` (SigLIP tower, GELU MLP projector, Qwen2
+LM), its tokenizer and image processor, and whether its projector has been trained yet.
 
 A saved bundle is an ordinary `save_pretrained` directory (safetensors, tokenizer, image
 processor, LLaVA processor config) plus `kdcache.json`, the training history. transformers 5 saves
@@ -28,22 +28,17 @@ from transformers.utils import is_torchvision_available
 from transformers.utils import logging as hf_logging
 
 import kdcache
+from kdcache import presets
 from kdcache.errors import KdcacheError
+from kdcache.files import write_json_atomic
 from kdcache.templates import IMAGE_TOKEN
 
-SIGLIP_SO400M = "google/siglip-so400m-patch14-384"
-PRESETS: dict[str, tuple[str, str]] = {
-    "qwen1.5-0.5b": (SIGLIP_SO400M, "Qwen/Qwen1.5-0.5B"),
-    "qwen1.5-1.8b": (SIGLIP_SO400M, "Qwen/Qwen1.5-1.8B"),
-    "qwen1.5-4b": (SIGLIP_SO400M, "Qwen/Qwen1.5-4B"),
-    "qwen2.5-0.5b": (SIGLIP_SO400M, "Qwen/Qwen2.5-0.5B"),
-    "qwen2.5-1.5b": (SIGLIP_SO400M, "Qwen/Qwen2.5-1.5B"),
-    "qwen2.5-3b": (SIGLIP_SO400M, "Qwen/Qwen2.5-3B"),
-}
 HISTORY_FILE = "kdcache.json"
 # Config keys that say where or with what a config was made, not what the model computes.
 _VOLATILE_CONFIG_KEYS = {"transformers_version", "_name_or_path", "_commit_hash", "dtype", "torch_dtype",
                          "_attn_implementation", "_attn_implementation_autoset", "architectures"}
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
 
 @dataclass
@@ -61,22 +56,20 @@ class Bundle:
 
 def load_bundle(spec: str, *, dtype: torch.dtype = torch.float32, revision: str | None = None,
                 trust_remote_code: bool = False) -> Bundle:
-    """A checkpoint directory (has config.json), a preset name, a toy preset, or a hub id, in that order."""
+    """A checkpoint directory (has config.json), a preset name (kdcache.presets) or a hub id, in that order."""
     path = Path(spec).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise KdcacheError(f"{spec} is a directory but not a checkpoint (no config.json)")
         return _load_pretrained(str(path), source=spec, revision=None, dtype=dtype,
                                 trust_remote_code=trust_remote_code)
-    from kdcache import toy  # toy builds on compose(); imported late to keep the dependency one-way
-
-    if spec in toy.TOY_PRESETS:
-        return toy.load_toy(spec, dtype=dtype)
-    if spec in PRESETS:
+    preset = presets.PRESETS.get(spec)
+    if preset is not None:
         if revision is not None:
-            raise KdcacheError(f"--revision applies to a hub checkpoint; preset {spec!r} names two repositories "
-                               f"{PRESETS[spec]}")
-        return compose_preset(spec, dtype=dtype, trust_remote_code=trust_remote_code)
+            raise KdcacheError(f"--revision {revision!r} applies to a hub checkpoint, not to preset {spec!r} "
+                               f"({preset.description})")
+        load = presets.loader_of(preset)
+        return load(spec, dtype=dtype, trust_remote_code=trust_remote_code)
     if path.exists() or spec.startswith((".", "/", "~")):
         raise KdcacheError(f"{spec} is not a checkpoint directory")
     return _load_pretrained(spec, source=spec, revision=revision, dtype=dtype, trust_remote_code=trust_remote_code)
@@ -90,14 +83,14 @@ def _load_pretrained(location: str, *, source: str, revision: str | None, dtype:
         config = AutoConfig.from_pretrained(location, **common)
         if config.model_type != "llava":
             raise KdcacheError(f"{source} is a {config.model_type!r} checkpoint; kdcache needs a LLaVA one "
-                               f"(or a preset: {', '.join(PRESETS)})")
+                               f"(or a preset: {', '.join(presets.PRESETS)})")
         model = LlavaForConditionalGeneration.from_pretrained(location, config=config, dtype=dtype,
                                                               revision=revision, use_safetensors=True)
         tokenizer = AutoTokenizer.from_pretrained(location, **common)
         image_processor = AutoImageProcessor.from_pretrained(location, **common)
     except (OSError, ValueError) as e:
-        raise KdcacheError(f"cannot load {source!r} as a checkpoint directory, a preset ({', '.join(PRESETS)}) "
-                           f"or a hub id: {e}") from None
+        raise KdcacheError(f"cannot load {source!r} as a checkpoint directory, a preset "
+                           f"({', '.join(presets.PRESETS)}) or a hub id: {e}") from None
     _ensure_pad_token(tokenizer, source)
     history = _read_history(location, revision)
     return Bundle(model.eval(), tokenizer, image_processor, source=source, revision=revision,
@@ -130,8 +123,11 @@ def _read_history(location: str, revision: str | None) -> dict:
 
 
 def compose_preset(name: str, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> Bundle:
-    """SigLIP tower + LLM from the hub, joined by a fresh projector (the starting point of PT / DPT)."""
-    vision_id, llm_id = PRESETS[name]
+    """The loader of the hub presets: SigLIP tower + LLM from the hub, joined by a fresh projector.
+
+    The starting point of PT / DPT; `name` is a preset of kdcache.presets with two repos.
+    """
+    vision_id, llm_id = presets.PRESETS[name].repos
     try:
         with _quiet_transformers():   # the tower drops SigLIP's text model and pooling head: expected
             vision = SiglipVisionModel.from_pretrained(vision_id, vision_use_head=False, dtype=dtype,
@@ -142,6 +138,17 @@ def compose_preset(name: str, *, dtype: torch.dtype = torch.float32, trust_remot
     except (OSError, ValueError) as e:
         raise KdcacheError(f"cannot load preset {name!r} ({vision_id} + {llm_id}): {e}") from None
     return compose(vision, language_model, tokenizer, siglip_image_processor(vision.config.image_size), source=name)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """The torch dtype of a --dtype name; `auto` is bf16 on a GPU that supports it, float32 elsewhere."""
+    if dtype == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if dtype not in _DTYPES:
+        raise KdcacheError(f"unknown --dtype {dtype!r}; choose one of auto, {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
 
 
 # --- composing
@@ -164,7 +171,7 @@ def compose(vision_model, language_model, tokenizer, image_processor, *, source:
 
     # SigLIP's attention-pooling head is unused by LLaVA: drop it so that the checkpoint has no such weights.
     vision_config = SiglipVisionConfig.from_dict({**vision_model.config.to_dict(), "vision_use_head": False})
-    if getattr(vision_model, "use_head", False):
+    if vision_model.use_head:     # always set in the flat SiglipVisionModel (transformers >= 5.6) used here
         del vision_model.head
         vision_model.use_head = False
     vision_model.config = vision_config
@@ -237,9 +244,7 @@ def save_bundle(bundle: Bundle, out_dir: str | Path, *, stages: list[str]) -> No
                    vision_feature_select_strategy=model.config.vision_feature_select_strategy).save_pretrained(out)
     history = {"kdcache_version": kdcache.__version__, "source": bundle.source,
                "projector_trained": bool(bundle.projector_trained or stages), "stages": list(stages)}
-    tmp = out / (HISTORY_FILE + ".tmp")
-    tmp.write_text(json.dumps(history, indent=2) + "\n")
-    tmp.replace(out / HISTORY_FILE)
+    write_json_atomic(out / HISTORY_FILE, history)
 
 
 # --- describing
@@ -259,10 +264,9 @@ def tokenizer_fingerprint(tokenizer) -> str:
     """
     payload = {
         "vocab": sorted(tokenizer.get_vocab().items(), key=lambda kv: (kv[1], kv[0])),
-        "added": sorted([int(i), str(t), bool(getattr(t, "special", False))]
-                        for i, t in tokenizer.added_tokens_decoder.items()),
-        "special": {name: getattr(tokenizer, name, None) for name in ("bos_token", "eos_token", "unk_token",
-                                                                      "pad_token")},
+        "added": sorted([int(i), str(t), bool(t.special)] for i, t in tokenizer.added_tokens_decoder.items()),
+        # An unset special token reads as None on every transformers tokenizer.
+        "special": {name: getattr(tokenizer, name) for name in ("bos_token", "eos_token", "unk_token", "pad_token")},
     }
     return "sha256:" + hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode()).hexdigest()
 

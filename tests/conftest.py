@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageDraw
 
-from kdcache import models, toy
+from kdcache import models
+from kdcache.toy import models as toy_models
 
 # A 2-layer SigLIP tower on 32x32 images with 8x8 patches: 16 patches -> 15 visual tokens.
 TINY_VISION = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -25,19 +26,19 @@ TINY_STUDENT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, n
                     num_key_value_heads=2, tie_word_embeddings=True)
 TRAINED = ["pt", "sft"]   # the history that marks a checkpoint's projector as trained
 
-COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), "yellow": (240, 220, 40)}
+COLORS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), "yellow": (240, 220, 40)}
 SHAPES = ("circle", "square", "triangle")
 
 
 @pytest.fixture(scope="session")
 def toy_tokenizer():
     """The toy byte-level BPE tokenizer (600 tokens, `<|endoftext|>` eos/pad, `<image>`). Do not mutate."""
-    return toy.build_toy_tokenizer()
+    return toy_models.build_toy_tokenizer()
 
 
 def _saved_tiny(tmp_path_factory, name: str, text_config: dict, seed: int) -> Path:
     out = tmp_path_factory.mktemp(name)
-    bundle = toy.build_toy_bundle(text_config, seed=seed, source=name, vision_config=TINY_VISION)
+    bundle = toy_models.build_toy_bundle(text_config, seed=seed, source=name, vision_config=TINY_VISION)
     models.save_bundle(bundle, out, stages=TRAINED)
     return out
 
@@ -55,20 +56,20 @@ def tiny_student_dir(tmp_path_factory) -> Path:
 
 
 def draw_toy_image(index: int, size: int = 32) -> tuple[Image.Image, str, str]:
-    """A deterministic toy scene: one coloured shape on a grey background; returns (image, colour, shape)."""
-    colour = list(COLOURS)[index % len(COLOURS)]
-    shape = SHAPES[(index // len(COLOURS)) % len(SHAPES)]
+    """A deterministic toy scene: one colored shape on a grey background; returns (image, color, shape)."""
+    color = list(COLORS)[index % len(COLORS)]
+    shape = SHAPES[(index // len(COLORS)) % len(SHAPES)]
     image = Image.new("RGB", (size, size), (128, 128, 128))
     draw = ImageDraw.Draw(image)
     box = (size // 4, size // 4, 3 * size // 4, 3 * size // 4)
     if shape == "circle":
-        draw.ellipse(box, fill=COLOURS[colour])
+        draw.ellipse(box, fill=COLORS[color])
     elif shape == "square":
-        draw.rectangle(box, fill=COLOURS[colour])
+        draw.rectangle(box, fill=COLORS[color])
     else:
         draw.polygon([(size // 2, size // 4), (size // 4, 3 * size // 4), (3 * size // 4, 3 * size // 4)],
-                     fill=COLOURS[colour])
-    return image, colour, shape
+                     fill=COLORS[color])
+    return image, color, shape
 
 
 @pytest.fixture
@@ -91,7 +92,7 @@ def toy_images():
 def toy_dataset(tmp_path):
     """Factory: toy_dataset(count=6, template="qwen2_base", text_only=0) -> (json path, images dir).
 
-    Image samples ask for the colour and shape (qwen2_base: two turns) or give a caption (plain);
+    Image samples ask for the color and shape (qwen2_base: two turns) or give a caption (plain);
     the last `text_only` samples have no image.
     """
     def make(count: int = 6, template: str = "qwen2_base", text_only: int = 0, size: int = 32):
@@ -103,15 +104,15 @@ def toy_dataset(tmp_path):
                 records.append({"id": f"text-{i}", "conversations": [
                     {"from": "human", "value": "How many sides has a square?"}, {"from": "gpt", "value": "four"}]})
                 continue
-            image, colour, shape = draw_toy_image(i, size)
+            image, color, shape = draw_toy_image(i, size)
             name = f"img-{i:03d}.png"
             image.save(images / name)
             if template == "plain":
                 turns = [{"from": "human", "value": "<image>\nDescribe the image briefly."},
-                         {"from": "gpt", "value": f"A {colour} {shape}."}]
+                         {"from": "gpt", "value": f"A {color} {shape}."}]
             else:
                 turns = [{"from": "human", "value": "<image>\nWhat color is the shape?"},
-                         {"from": "gpt", "value": colour},
+                         {"from": "gpt", "value": color},
                          {"from": "human", "value": "What shape is it?"},
                          {"from": "gpt", "value": f"It is a {shape}."}]
             records.append({"id": f"sample-{i}", "image": name, "conversations": turns})

@@ -10,13 +10,15 @@ from transformers import (AutoProcessor, LlavaConfig, LlavaForConditionalGenerat
                           SiglipConfig, SiglipModel, SiglipVisionConfig)
 
 from conftest import TINY_STUDENT, TINY_TEACHER, TINY_VISION, TINY_VISUAL_LEN, draw_toy_image
-from kdcache import models, samples, toy
+from kdcache import models, presets, samples
 from kdcache.errors import KdcacheError
+from kdcache.toy import data as toy_data
+from kdcache.toy import models as toy_models
 from kdcache.templates import IMAGE_TOKEN, build_sequence
 
 
 def tiny_bundle(text=TINY_STUDENT, seed=0):
-    return toy.build_toy_bundle(text, seed=seed, source="tiny", vision_config=TINY_VISION)
+    return toy_models.build_toy_bundle(text, seed=seed, source="tiny", vision_config=TINY_VISION)
 
 
 def safetensors_keys(directory) -> list[str]:
@@ -39,10 +41,10 @@ def image_batch(bundle, count=2):
 
 
 def test_compose_adds_the_image_token_and_its_id_is_the_config_image_token_id():
-    tokenizer = toy.build_toy_tokenizer(image_token=False)
+    tokenizer = toy_models.build_toy_tokenizer(image_token=False)
     assert IMAGE_TOKEN not in tokenizer.get_vocab()
     language_model = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tokenizer), **TINY_STUDENT))
-    bundle = models.compose(toy.toy_vision_tower(**TINY_VISION), language_model, tokenizer,
+    bundle = models.compose(toy_models.toy_vision_tower(**TINY_VISION), language_model, tokenizer,
                             models.siglip_image_processor(32), source="test")
     image_id = bundle.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     assert image_id == bundle.model.config.image_token_id == len(tokenizer) - 1
@@ -54,11 +56,11 @@ def test_compose_adds_the_image_token_and_its_id_is_the_config_image_token_id():
 
 
 def test_compose_keeps_the_embeddings_when_the_vocabulary_has_room_and_sets_a_pad_token():
-    tokenizer = toy.build_toy_tokenizer(image_token=False)
+    tokenizer = toy_models.build_toy_tokenizer(image_token=False)
     tokenizer.pad_token = None
     language_model = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tokenizer) + 64, **TINY_STUDENT))
     embed = language_model.get_input_embeddings().weight
-    bundle = models.compose(toy.toy_vision_tower(**TINY_VISION), language_model, tokenizer,
+    bundle = models.compose(toy_models.toy_vision_tower(**TINY_VISION), language_model, tokenizer,
                             models.siglip_image_processor(32), source="test")
     assert bundle.model.get_input_embeddings().weight is embed
     assert bundle.model.config.text_config.vocab_size == len(tokenizer) + 63
@@ -122,10 +124,11 @@ def test_load_bundle_of_a_preset_composes_tower_and_llm_with_a_fresh_projector(t
                                                        num_hidden_layers=1, num_attention_heads=2),
                                       vision_config=TINY_VISION))
     siglip.save_pretrained(tmp_path / "siglip")
-    tokenizer = toy.build_toy_tokenizer(image_token=False)
+    tokenizer = toy_models.build_toy_tokenizer(image_token=False)
     Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tokenizer), **TINY_TEACHER)).save_pretrained(tmp_path / "llm")
     tokenizer.save_pretrained(tmp_path / "llm")
-    monkeypatch.setitem(models.PRESETS, "tiny-preset", (str(tmp_path / "siglip"), str(tmp_path / "llm")))
+    monkeypatch.setitem(presets.PRESETS, "tiny-preset",
+                        presets.hub_preset(str(tmp_path / "siglip"), str(tmp_path / "llm")))
 
     bundle = models.load_bundle("tiny-preset")
     assert bundle.source == "tiny-preset" and bundle.projector_trained is False
@@ -138,6 +141,34 @@ def test_load_bundle_of_a_preset_composes_tower_and_llm_with_a_fresh_projector(t
     assert bundle.image_processor.size == {"height": 32, "width": 32}
     with pytest.raises(KdcacheError, match="revision"):
         models.load_bundle("tiny-preset", revision="main")
+
+
+def test_every_preset_resolves_to_its_loader_and_the_toy_ones_match_the_toy_models():
+    for name, preset in presets.PRESETS.items():
+        assert callable(presets.loader_of(preset)), name
+    assert presets.loader_of(presets.PRESETS["qwen1.5-4b"]) is models.compose_preset
+    assert presets.PRESETS["qwen1.5-4b"].repos == (presets.SIGLIP_SO400M, "Qwen/Qwen1.5-4B")
+    toy_names = {name for name, p in presets.PRESETS.items() if p.loader == presets.TOY_LOADER}
+    assert toy_names == set(toy_models.TOY_PRESETS)
+
+
+def test_load_bundle_refuses_a_revision_for_any_preset():
+    with pytest.raises(KdcacheError, match="--revision 'main' applies to a hub checkpoint, not to preset 'toy-"):
+        models.load_bundle("toy-student", revision="main")
+
+
+def test_importing_the_core_models_module_does_not_import_the_toy_world():
+    code = "import sys, kdcache.models; print(sorted(m for m in sys.modules if m.startswith('kdcache.toy')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_resolve_dtype_names_auto_and_refuses_unknown_names():
+    assert models.resolve_dtype("auto", torch.device("cpu")) is torch.float32
+    assert models.resolve_dtype("bf16", torch.device("cpu")) is torch.bfloat16
+    assert models.resolve_dtype("float16", torch.device("cpu")) is torch.float16
+    with pytest.raises(KdcacheError, match="unknown --dtype 'half'; choose one of auto, float32"):
+        models.resolve_dtype("half", torch.device("cpu"))
 
 
 def test_load_bundle_refuses_what_is_not_a_llava_checkpoint(tmp_path):
@@ -162,19 +193,20 @@ def test_tokenizer_fingerprint_is_stable_across_save_and_load(tmp_path, toy_toke
     assert fingerprint.startswith("sha256:") and len(fingerprint) == 7 + 64
     assert models.tokenizer_fingerprint(models.load_bundle(str(tiny_teacher_dir)).tokenizer) == fingerprint
     assert models.tokenizer_fingerprint(models.load_bundle(str(tiny_student_dir)).tokenizer) == fingerprint
-    assert models.tokenizer_fingerprint(toy.build_toy_tokenizer()) == fingerprint
+    assert models.tokenizer_fingerprint(toy_models.build_toy_tokenizer()) == fingerprint
 
 
 def test_tokenizer_fingerprint_differs_for_a_different_vocabulary(toy_tokenizer):
-    without_image = toy.build_toy_tokenizer(image_token=False)
+    without_image = toy_models.build_toy_tokenizer(image_token=False)
     assert models.tokenizer_fingerprint(without_image) != models.tokenizer_fingerprint(toy_tokenizer)
-    extended = toy.build_toy_tokenizer()
+    extended = toy_models.build_toy_tokenizer()
     extended.add_tokens(["zebra"])
     assert models.tokenizer_fingerprint(extended) != models.tokenizer_fingerprint(toy_tokenizer)
 
 
 def test_toy_tokenizer_and_fingerprint_are_the_same_in_another_process(toy_tokenizer):
-    code = "from kdcache import models, toy; print(models.tokenizer_fingerprint(toy.build_toy_tokenizer()))"
+    code = ("from kdcache import models; from kdcache.toy import models as toy_models; "
+            "print(models.tokenizer_fingerprint(toy_models.build_toy_tokenizer()))")
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     assert out.stdout.strip().splitlines()[-1] == models.tokenizer_fingerprint(toy_tokenizer)
@@ -220,7 +252,7 @@ def test_toy_presets_share_tokenizer_and_tower_and_the_teacher_is_several_times_
     assert not teacher.projector_trained and teacher.source == "toy-teacher"
 
 
-def test_toy_tower_patch_embedding_reads_each_sub_block_colour():
+def test_toy_tower_patch_embedding_reads_each_sub_block_color():
     """The toy tower's first 48 patch channels are the per-channel means of each patch's 4 x 4 sub-blocks."""
     bundle = models.load_bundle("toy-student")
     image = torch.zeros(1, 3, 64, 64)
@@ -249,9 +281,18 @@ def test_toy_teacher_runs_a_built_sequence_end_to_end():
 
 
 def test_toy_tokenizer_keeps_toy_world_words_whole(toy_tokenizer):
-    assert len(toy_tokenizer) == toy.VOCAB_SIZE
+    assert len(toy_tokenizer) == toy_models.VOCAB_SIZE
     assert toy_tokenizer.eos_token == toy_tokenizer.pad_token == "<|endoftext|>"
-    for word in (*toy.COLOURS, *toy.SHAPES, *toy.SIZES, *toy.POSITIONS, *toy.COUNTS):
+    for word in (*toy_models.COLORS, *toy_models.SHAPES, *toy_models.SIZES, *toy_models.POSITIONS, *toy_models.COUNTS):
         assert len(toy_tokenizer.tokenize(" " + word)) == 1, word
-    for answer in (*toy.COLOURS, *toy.SHAPES, *toy.COUNTS):
+    for answer in (*toy_models.COLORS, *toy_models.SHAPES, *toy_models.COUNTS):
         assert len(toy_tokenizer.tokenize(answer)) == 1, answer
+
+
+def test_toy_tokenizer_words_cover_every_word_the_toy_data_draws():
+    """The tokenizer's word lists are a frozen superset of the dataset's (kdcache/toy/models.py says why)."""
+    vocabulary = {*toy_models.COLORS, *toy_models.SHAPES, *toy_models.SIZES, *toy_models.POSITIONS,
+                  *toy_models.COUNTS}
+    drawn = {*toy_data.COLORS, *toy_data.BACKGROUNDS, *toy_data.SHAPES, *toy_data.SIZES, *toy_data.POSITIONS,
+             *toy_data.NUMBERS}
+    assert drawn <= vocabulary, drawn - vocabulary

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from kdcache.cli import app
 from kdcache.evaluate import Question, accuracy_report, normalize
-from kdcache.quickstart import run_quickstart, small_plan
+from kdcache.toy.recipe import run_quickstart, small_plan
 
 
 def test_exact_match_ignores_case_space_and_a_final_full_stop():

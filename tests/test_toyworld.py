@@ -7,7 +7,7 @@ import re
 import pytest
 from PIL import Image
 
-from kdcache import toyworld
+from kdcache.toy import data as toy_data
 from kdcache.errors import SampleError
 
 SIZE = 64
@@ -21,7 +21,7 @@ def _hashes(out_dir) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     out = tmp_path_factory.mktemp("toyworld")
-    info = toyworld.generate(out, num_train=150, num_eval=60, image_size=SIZE, seed=0)
+    info = toy_data.generate(out, num_train=150, num_eval=60, image_size=SIZE, seed=0)
     splits = {name: json.loads(info[name].read_text()) for name in ("captions", "train", "eval")}
     return out, info, splits
 
@@ -62,13 +62,13 @@ def _expected(question: str, objects: list[dict]) -> str:
 
 def test_same_seed_writes_identical_files(tmp_path):
     for name in ("a", "b"):
-        toyworld.generate(tmp_path / name, num_train=20, num_eval=10, seed=3)
+        toy_data.generate(tmp_path / name, num_train=20, num_eval=10, seed=3)
     assert _hashes(tmp_path / "a") == _hashes(tmp_path / "b")
 
 
 def test_different_seed_writes_different_files(tmp_path):
     for name, seed in (("a", 0), ("b", 1)):
-        toyworld.generate(tmp_path / name, num_train=20, num_eval=10, seed=seed)
+        toy_data.generate(tmp_path / name, num_train=20, num_eval=10, seed=seed)
     a, b = _hashes(tmp_path / "a"), _hashes(tmp_path / "b")
     assert a.keys() == b.keys()
     assert a["train.json"] != b["train.json"]
@@ -97,16 +97,16 @@ def test_train_and_eval_images_are_disjoint(world):
 def test_every_answer_matches_the_scene(world):
     _, _, splits = world
     for sample in splits["train"] + splits["eval"]:
-        for question, answer, qtype in toyworld.answer_of(sample):
+        for question, answer, qtype in toy_data.answer_of(sample):
             question = question.removeprefix("<image>\n")
             assert answer == _expected(question, sample["scene"]["objects"]), sample["id"]
-            assert qtype in toyworld.question_types()
+            assert qtype in toy_data.question_types()
 
 
 def test_captions_list_every_object_left_to_right(world):
     _, _, splits = world
     for sample in splits["captions"]:
-        ((question, text, qtype),) = toyworld.answer_of(sample)
+        ((question, text, qtype),) = toy_data.answer_of(sample)
         assert (question, qtype) == ("<image>\nDescribe the image.", "caption")
         objects = sample["scene"]["objects"]
         named = re.findall(r"a (small|large) (\w+) (circle|square|triangle) "
@@ -121,21 +121,21 @@ def test_images_show_the_scene_at_image_size(world):
         image = Image.open(out / "images" / sample["image"])
         assert image.format == "PNG" and image.mode == "RGB" and image.size == (SIZE, SIZE)
         scene = sample["scene"]
-        assert image.getpixel((0, 0)) == toyworld.BACKGROUNDS[scene["background"]]
+        assert image.getpixel((0, 0)) == toy_data.BACKGROUNDS[scene["background"]]
         for obj in scene["objects"]:
-            assert image.getpixel((obj["x"], obj["y"])) == toyworld.COLORS[obj["color"]]
+            assert image.getpixel((obj["x"], obj["y"])) == toy_data.COLORS[obj["color"]]
 
 
 def test_every_question_type_appears_in_both_splits(world):
     _, _, splits = world
     for name in ("train", "eval"):
-        seen = {qtype for s in splits[name] for _, _, qtype in toyworld.answer_of(s)}
-        assert seen == set(toyworld.question_types()), name
+        seen = {qtype for s in splits[name] for _, _, qtype in toy_data.answer_of(s)}
+        assert seen == set(toy_data.question_types()), name
 
 
 def test_some_samples_are_multi_turn_with_distinct_question_types(world):
     _, _, splits = world
-    turns = [toyworld.answer_of(s) for s in splits["train"]]
+    turns = [toy_data.answer_of(s) for s in splits["train"]]
     assert {len(t) for t in turns} == {1, 2, 3}
     for pairs in turns:
         assert len({qtype for _, _, qtype in pairs}) == len(pairs)
@@ -155,9 +155,9 @@ def test_conversations_alternate_and_open_with_the_image(world):
 
 def test_answers_come_from_a_small_closed_set(world):
     _, _, splits = world
-    closed = (set(toyworld.COLORS) | set(toyworld.SHAPES) | set(toyworld.SIZES)
-              | set(toyworld.POSITIONS) | {"zero", "one", "two", "three"})
-    answers = {a for s in splits["train"] + splits["eval"] for _, a, _ in toyworld.answer_of(s)}
+    closed = (set(toy_data.COLORS) | set(toy_data.SHAPES) | set(toy_data.SIZES)
+              | set(toy_data.POSITIONS) | {"zero", "one", "two", "three"})
+    answers = {a for s in splits["train"] + splits["eval"] for _, a, _ in toy_data.answer_of(s)}
     assert answers <= closed
 
 
@@ -165,12 +165,12 @@ def test_answer_of_refuses_turns_that_do_not_alternate():
     sample = {"id": "x", "conversations": [{"from": "gpt", "value": "a"},
                                            {"from": "human", "value": "b"}]}
     with pytest.raises(SampleError, match="'x'"):
-        toyworld.answer_of(sample)
+        toy_data.answer_of(sample)
     with pytest.raises(SampleError, match="odd"):
-        toyworld.answer_of({"id": "y", "conversations": [{"from": "human", "value": "q"}]})
+        toy_data.answer_of({"id": "y", "conversations": [{"from": "human", "value": "q"}]})
 
 
 def test_answer_of_gives_none_for_an_untagged_turn():
     sample = {"conversations": [{"from": "human", "value": "<image>\nq"},
                                 {"from": "gpt", "value": "a"}]}
-    assert toyworld.answer_of(sample) == [("<image>\nq", "a", None)]
+    assert toy_data.answer_of(sample) == [("<image>\nq", "a", None)]

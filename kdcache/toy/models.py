@@ -1,10 +1,11 @@
 """The toy world's models: a tiny byte-level BPE tokenizer, a shared SigLIP tower, two Qwen2 LMs.
 
-``load_bundle("toy-teacher")`` / ``load_bundle("toy-student")`` build them here, seeded, through the
-same `models.compose` as the real presets, so the quickstart and the tests exercise the real code
-path on a CPU in seconds. Teacher and student share the tokenizer and identical tower weights
-(DESIGN §1); the teacher has about 4x the student's LM parameters (Qwen1.5-4B : 0.5B is 8x; a wider toy
-teacher learns no better in the quickstart's steps and costs more of its 10 minutes).
+``load_bundle("toy-teacher")`` / ``load_bundle("toy-student")`` reach `load_toy` through
+`kdcache.presets` and build them here, seeded, through the same `models.compose` as the real
+presets, so the quickstart and the tests exercise the real code path on a CPU in seconds. Teacher
+and student share the tokenizer and identical tower weights (docs/design.md §1); the teacher has about 4x
+the student's LM parameters (Qwen1.5-4B : 0.5B is 8x; a wider toy teacher learns no better in the
+quickstart's steps and costs more of its 10 minutes).
 """
 
 from __future__ import annotations
@@ -16,11 +17,15 @@ from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM,
 from kdcache.models import Bundle, compose, siglip_image_processor
 from kdcache.templates import END_TOKEN, IMAGE_TOKEN, SYSTEM_PROMPT
 
-COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "black")
+# The words the tokenizer is trained to keep whole. A frozen superset of the words kdcache.toy.data
+# draws (stars, "top", "four".."ten" never appear there), not derived from it: the vocabulary, and so
+# the tokenizer fingerprint that caches record, must not change when the dataset does.
+COLORS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "black")
 SHAPES = ("circle", "square", "triangle", "star")
 SIZES = ("small", "large")
 POSITIONS = ("left", "right", "top", "bottom", "above", "below", "middle")
 COUNTS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+# "colour" is vocabulary, not a spelling slip: a question may use either spelling.
 FUNCTION_WORDS = ("what", "color", "colour", "shape", "how", "many", "is", "the", "there", "are", "of", "a", "an",
                   "and", "in", "image", "picture", "shows", "this", "it", "at", "on", "describe", "which", "where",
                   "briefly", "background", "next", "to", "with", "yes", "no", "object", "objects", "one", "each")
@@ -29,6 +34,7 @@ VOCAB_SIZE = 600
 TOWER_SEED = 1234          # one tower for teacher and student
 TOY_VISION = dict(image_size=64, patch_size=16, hidden_size=64, intermediate_size=128,
                   num_hidden_layers=2, num_attention_heads=2)                  # 4x4 patches -> 15 visual tokens
+# The architectures of the presets registered in kdcache.presets with the loader `load_toy`.
 TOY_PRESETS: dict[str, dict] = {
     "toy-teacher": dict(seed=1, text=dict(hidden_size=192, intermediate_size=528, num_hidden_layers=4,
                                           num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False)),
@@ -39,7 +45,7 @@ TOY_PRESETS: dict[str, dict] = {
 
 def toy_corpus() -> list[str]:
     """The fixed text the toy tokenizer is trained on: the chat template and the toy world's words."""
-    words = [*COLOURS, *SHAPES, *SIZES, *POSITIONS, *COUNTS, *FUNCTION_WORDS]
+    words = [*COLORS, *SHAPES, *SIZES, *POSITIONS, *COUNTS, *FUNCTION_WORDS]
     plurals = [shape + "s" for shape in SHAPES]
     digits = [str(n) for n in range(11)]
     lines = [SYSTEM_PROMPT + "USER: \nWhat color is the circle? ASSISTANT: red"] * 4
@@ -51,7 +57,7 @@ def toy_corpus() -> list[str]:
         lines += [" ".join(vocabulary)] * 3 + list(vocabulary) + [" " + w for w in vocabulary]
         lines += [w.capitalize() for w in vocabulary if w.isalpha()]
     # Answers are tokenised on their own (no leading space): make one-word answers single tokens too.
-    lines += [*COLOURS, *SHAPES, *SIZES, *COUNTS, "yes", "no"] * 2
+    lines += [*COLORS, *SHAPES, *SIZES, *COUNTS, "yes", "no"] * 2
     return lines
 
 
@@ -75,8 +81,8 @@ def toy_vision_tower(**overrides) -> SiglipVisionModel:
     """The shared SigLIP tower (no pooling head), always initialised from TOWER_SEED.
 
     A stand-in for a pretrained tower: the patch embedding's first 3 x 4 x 4 channels average each
-    colour channel over the patch's 4 x 4 sub-blocks (a colour thumbnail of the patch), the rest stay
-    random. With a fully random patch embedding, colour is scrambled into the pixel layout and the toy
+    color channel over the patch's 4 x 4 sub-blocks (a color thumbnail of the patch), the rest stay
+    random. With a fully random patch embedding, color is scrambled into the pixel layout and the toy
     LMs never learned to read it (docs/decisions.md, "Toy world").
     """
     config = SiglipVisionConfig(**{**TOY_VISION, **overrides}, vision_use_head=False)
@@ -122,7 +128,11 @@ def build_toy_bundle(text_config: dict, *, seed: int, source: str, vision_config
     return bundle
 
 
-def load_toy(name: str, *, dtype: torch.dtype = torch.float32) -> Bundle:
-    """`load_bundle`'s path for the toy presets: a fresh, deterministic, untrained-projector bundle."""
+def load_toy(name: str, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> Bundle:
+    """The loader of the toy presets (kdcache.presets): a fresh, deterministic, untrained-projector bundle.
+
+    `trust_remote_code` is part of every preset loader's signature; the toy models are built from
+    the code above, so there is nothing remote to trust and it is not used.
+    """
     preset = TOY_PRESETS[name]
     return build_toy_bundle(preset["text"], seed=preset["seed"], source=name, dtype=dtype)

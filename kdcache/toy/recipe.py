@@ -17,7 +17,8 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from kdcache import toyworld
+from kdcache.files import write_json_atomic
+from kdcache.toy import data as toy_data
 
 
 @dataclass(frozen=True)
@@ -64,11 +65,11 @@ class Recipe:
         self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 1)
         return result
 
-    def data(self) -> dict:
+    def data(self) -> None:
+        """Generate the toy world under out/data; every later step reads it from `self.world`."""
         plan = self.plan
-        self.world = self.timed("data", toyworld.generate, self.out / "data", num_train=plan.num_train,
+        self.world = self.timed("data", toy_data.generate, self.out / "data", num_train=plan.num_train,
                                 num_eval=plan.num_eval, seed=self.seed)
-        return self.world
 
     def train(self, name: str, stage: str, student: str, steps: int, *, seed: int | None = None, **source) -> str:
         """One `kdcache train` stage into out/runs/NAME; returns RUN/final."""
@@ -143,7 +144,7 @@ def run_quickstart(out: str | Path, *, seed: int = 0, plan: Plan = Plan(), progr
               "per_type": {name: {t: v["accuracy"] for t, v in r["per_type"].items()} for name, r in results.items()},
               "num_questions": results["teacher"]["num_questions"], "seconds": recipe.seconds}
     recipe.out.mkdir(parents=True, exist_ok=True)
-    (recipe.out / "report.json").write_text(json.dumps(report, indent=2))
+    write_json_atomic(recipe.out / "report.json", report)
     write_report_png(recipe.out, report)
     print(format_table(report))
     return report

@@ -1,4 +1,4 @@
-"""The toy world: a synthetic shapes dataset in LLaVA JSON, for `kdcache quickstart` on a CPU.
+"""The toy world's data: a synthetic shapes dataset in LLaVA JSON, for `kdcache quickstart` on a CPU.
 
 Each image shows 1-3 shapes (circle, square, triangle) in distinct columns (left, middle, right)
 on a plain white or black background. `generate` writes
@@ -255,6 +255,7 @@ def generate(out_dir, *, num_train: int = 2000, num_eval: int = 200, image_size:
     images_dir = out_dir / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
     taken: set[str] = set()
+    # The stream names keep this module's former name (toyworld): renaming them would redraw every scene.
     train, captions = _split(random.Random(f"toyworld-{seed}-train"), "train", num_train,
                              image_size, images_dir, taken)
     evaluation, _ = _split(random.Random(f"toyworld-{seed}-eval"), "eval", num_eval,
