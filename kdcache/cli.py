@@ -1,16 +1,27 @@
 """The `kdcache` command line: parse, lazy-import, call. `kdcache --help` imports no torch.
 
+`dump` and `train` take their flags from the fields of `DumpConfig` / `TrainConfig`: a field's
+type, help, choices and default are declared once, in its dataclass, and turned into a typer option
+here (`config_command`). A YAML file (`--config`) gives values below the flags.
+
 Known errors (KdcacheError) print one line and exit 1; set KDCACHE_DEBUG=1 for the traceback.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import inspect
 import os
 import sys
-from typing import Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import typer
+
+from kdcache import config as configs
+from kdcache.templates import TEMPLATES
+from student_train.config import TrainConfig
+from teacher_dump.config import DumpConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Offline LLaVA-KD: dump a teacher's targets once into a cache, train students from it.")
@@ -35,126 +46,127 @@ def clean_errors(fn):
     return wrapper
 
 
-@app.command(epilog="Examples:\n\n  kdcache dump --teacher runs/teacher/final --data qa.json --images imgs/ --out cache/\n\n"
-             "  torchrun --nproc-per-node 8 -m kdcache.cli dump --teacher T --data D.json --images I --out C\n\n"
-             "  kdcache dump --config dump.yaml --max-samples 100")
-@clean_errors
-def dump(
-    teacher: Optional[str] = typer.Option(None, help="Teacher: checkpoint dir, hub id or preset (qwen1.5-4b, ...)."),
-    data: Optional[str] = typer.Option(None, help="LLaVA JSON or JSONL dataset."),
-    images: Optional[str] = typer.Option(None, help="Folder the dataset's image paths are relative to."),
-    out: Optional[str] = typer.Option(None, help="Cache directory to write (resumed if partial)."),
-    template: Optional[str] = typer.Option(None, help="plain | qwen2_base [default: qwen2_base]."),
-    topk: Optional[int] = typer.Option(None, help="k for both roles [default: 64]."),
-    topk_visual: Optional[int] = typer.Option(None, help="k at visual rows (overrides --topk)."),
-    topk_response: Optional[int] = typer.Option(None, help="k at response rows (overrides --topk)."),
-    temperature: Optional[float] = typer.Option(None, help="Softmax temperature for both roles [default: 1]."),
-    batch_size: Optional[int] = typer.Option(None, help="Samples per teacher forward [default: 8]."),
-    max_samples: Optional[int] = typer.Option(None, help="Dump only the first N samples."),
-    max_length: Optional[int] = typer.Option(None, help="Longest sequence allowed [default: 2048]."),
-    shard_size: Optional[float] = typer.Option(None, help="Target shard size in MB [default: 512]."),
-    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N [default: auto]."),
-    dtype: Optional[str] = typer.Option(None, help="auto | float32 | bfloat16 [default: auto = bf16 on GPU]."),
-    relation: Optional[bool] = typer.Option(None, "--relation/--no-relation", help="Store relation matrices [default: on]."),
-    embed_images: Optional[bool] = typer.Option(None, "--embed-images/--no-embed-images", help="Embed image bytes [default: on]."),
-    skip_bad: Optional[bool] = typer.Option(None, "--skip-bad", help="Skip bad samples, listing them in the manifest."),
-    allow_untrained: Optional[bool] = typer.Option(None, "--allow-untrained", help="Dump a teacher whose projector was never trained."),
-    resume: bool = typer.Option(True, "--resume/--no-resume", help="Resume a partial cache at --out (always on; --no-resume refuses one)."),
-    trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code", help="Allow custom model code from the checkpoint."),
-    revision: Optional[str] = typer.Option(None, help="Hub revision of the teacher."),
-    config: Optional[str] = typer.Option(None, help="YAML file of DumpConfig fields; flags override it."),
-):
-    """Run the teacher once over a dataset and write top-k targets and relations to a cache."""
-    from kdcache import config as configs
-    from teacher_dump.config import DumpConfig
+class Shorthand(NamedTuple):
+    """A flag that is not a field: its value fills each of `fields` not given on the command line."""
+    name: str
+    fields: tuple[str, ...]
+    help: str
 
-    overrides = dict(teacher=teacher, data=data, images=images, out=out, template=template,
-                     topk_visual=topk_visual if topk_visual is not None else topk,
-                     topk_response=topk_response if topk_response is not None else topk,
-                     temperature_response=temperature, temperature_visual=temperature,
-                     batch_size=batch_size, max_samples=max_samples, max_length=max_length,
-                     shard_size_mb=shard_size, device=device, dtype=dtype, relation=relation,
-                     embed_images=embed_images, skip_bad=skip_bad, allow_untrained=allow_untrained,
-                     trust_remote_code=trust_remote_code, revision=revision)
-    values = configs.load_yaml(config)
-    missing = [k for k in ("teacher", "data", "out") if overrides[k] is None and k not in values]
+
+def flag_of(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _option(name: str, annotation: Any, *decls: str, help: str, metavar: str | None = None) -> inspect.Parameter:
+    # Every option defaults to None, so that only the flags actually given override the YAML file.
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[annotation],
+                             default=typer.Option(None, *decls, help=help, show_default=False, metavar=metavar))
+
+
+def field_options(cls: type, aliases: dict[str, tuple[str, ...]]) -> list[inspect.Parameter]:
+    """One option per dataclass field: ``--x/--no-x`` for a bool, text for a Literal (checked by the config)."""
+    params = []
+    for f in dataclasses.fields(cls):
+        tp = configs.value_type(configs.field_types(cls)[f.name])
+        flag = flag_of(f.name)
+        if tp is bool:
+            decls = (f"{flag}/--no-{flag[2:]}",)
+        else:
+            decls = (flag, *aliases.get(f.name, ()))
+        # Literal choices are checked in one place, the config, for flags, YAML and Python alike.
+        literal = configs.choices_of(tp) is not None
+        params.append(_option(f.name, str if literal else tp, *decls, help=configs.field_help(cls, f),
+                              metavar="<choice>" if literal else None))
+    return params
+
+
+def shorthand_options(cls: type, shorthands: tuple[Shorthand, ...]) -> list[inspect.Parameter]:
+    """Shorthands take the type and the default of the first field they fill."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    params = []
+    for short in shorthands:
+        target = fields[short.fields[0]]
+        annotation = configs.value_type(configs.field_types(cls)[target.name])
+        params.append(_option(short.name, annotation, flag_of(short.name),
+                              help=f"{short.help}  [default: {configs.show(target.default)}]"))
+    return params
+
+
+def parse_config(cls: type[configs.C], given: dict[str, Any], shorthands: tuple[Shorthand, ...]) -> configs.C:
+    """The config from YAML (`given["config"]`) <- the flags given, shorthands filling the fields left unset."""
+    given = dict(given)
+    values = configs.load_yaml(given.pop("config"))
+    for short in shorthands:
+        value = given.pop(short.name)
+        for name in short.fields:
+            if given[name] is None:
+                given[name] = value
+    required = [f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [name for name in required if given[name] is None and name not in values]
     if missing:
-        raise typer.BadParameter(f"missing {', '.join('--' + m for m in missing)}")
-    cfg = configs.build(DumpConfig, values, overrides)
-    if not resume:
-        from pathlib import Path
+        raise typer.BadParameter(f"missing {', '.join(flag_of(name) for name in missing)} (as flags or in --config)")
+    return configs.build(cls, values, given)
 
-        from kdcache.errors import KdcacheError
 
-        if Path(cfg.out).exists() and any(Path(cfg.out).iterdir()):
-            raise KdcacheError(f"{cfg.out} is not empty and --no-resume was given")
-    from teacher_dump.dump import dump as run_dump
+def config_command(cls: type, run: Callable[[Any], None], *, shorthands: tuple[Shorthand, ...] = (),
+                   aliases: dict[str, tuple[str, ...]] | None = None) -> Callable[..., None]:
+    """A typer callback whose options are `cls`'s fields (plus shorthands and --config); it calls run(config)."""
 
-    manifest = run_dump(cfg)
+    def command(**given) -> None:
+        run(parse_config(cls, given, shorthands))
+
+    config = _option("config", str, "--config", help=f"YAML file of {cls.__name__} fields; flags override it.")
+    # typer reads the options from the signature: generate it instead of writing every field again.
+    command.__signature__ = inspect.Signature(
+        [*field_options(cls, aliases or {}), *shorthand_options(cls, shorthands), config])
+    return clean_errors(command)
+
+
+def run_dump(cfg: DumpConfig) -> None:
+    from teacher_dump.dump import dump
+
+    manifest = dump(cfg)
     if manifest is not None:
         typer.echo(f"wrote {manifest['num_samples']} samples in {len(manifest['shards'])} shards to {cfg.out}"
                    + (f" ({len(manifest['skipped'])} skipped)" if manifest.get("skipped") else ""))
 
 
-@app.command(epilog="Examples:\n\n  kdcache train --stage dft --student runs/sft/final --cache cache/ --out runs/dft\n\n"
-             "  kdcache train --stage pt --student qwen1.5-0.5b --data blip.json --images imgs/ --out runs/pt\n\n"
-             "  torchrun --nproc-per-node 4 -m kdcache.cli train --stage dpt --student qwen1.5-0.5b --cache C --out R")
-@clean_errors
-def train(
-    stage: Optional[str] = typer.Option(None, help="pt | sft | dpt | dft."),
-    student: Optional[str] = typer.Option(None, help="Student: checkpoint dir, hub id or preset."),
-    out: Optional[str] = typer.Option(None, help="Run directory (config, metrics, checkpoints, final/)."),
-    cache: Optional[str] = typer.Option(None, help="Cache written by `kdcache dump` (required for dpt/dft)."),
-    data: Optional[str] = typer.Option(None, help="LLaVA JSON/JSONL for pt/sft without a cache."),
-    images: Optional[str] = typer.Option(None, help="Image folder for --data (or for caches without embedded images)."),
-    template: Optional[str] = typer.Option(None, help="plain | qwen2_base [default: the stage's]."),
-    batch_size: Optional[int] = typer.Option(None, help="Per-device batch [default: 4]."),
-    global_batch: Optional[int] = typer.Option(None, help="Global batch [default: 256 pt/dpt, 128 sft/dft]."),
-    grad_accum: Optional[int] = typer.Option(None, help="Gradient accumulation [default: global / (batch x world)]."),
-    lr: Optional[float] = typer.Option(None, help="Peak learning rate [default: 1e-3 pt/dpt, 2e-5 sft/dft]."),
-    max_steps: Optional[int] = typer.Option(None, help="Stop after N optimizer steps."),
-    epochs: Optional[int] = typer.Option(None, help="Epochs [default: 1]."),
-    alpha: Optional[float] = typer.Option(None, help="Weight of the response KL [default: 1]."),
-    beta: Optional[float] = typer.Option(None, help="Weight of the visual KL [default: 1]."),
-    gamma: Optional[float] = typer.Option(None, help="Weight of the relation loss [default: 0.5]."),
-    tail: Optional[str] = typer.Option(None, help="bucket | renorm [default: bucket]."),
-    loss_norm: Optional[str] = typer.Option(None, help="token | sample [default: token]."),
-    clip_grad: Optional[float] = typer.Option(None, help="Clip the gradient norm [default: off]."),
-    grad_checkpointing: Optional[bool] = typer.Option(None, "--grad-checkpointing", help="Recompute LLM activations in backward."),
-    fsdp: Optional[bool] = typer.Option(None, "--fsdp", help="Shard the student with FSDP instead of DDP."),
-    seed: Optional[int] = typer.Option(None, help="Seed for init and data order [default: 0]."),
-    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda [default: auto]."),
-    num_workers: Optional[int] = typer.Option(None, help="DataLoader workers [default: 2]."),
-    save_every: Optional[int] = typer.Option(None, help="Checkpoint every N steps [default: 500]."),
-    resume: Optional[bool] = typer.Option(None, "--resume", help="Continue from the last checkpoint in --out."),
-    trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code", help="Allow custom model code."),
-    config: Optional[str] = typer.Option(None, help="YAML file of TrainConfig fields; flags override it."),
-):
-    """Train a student through one stage (PT / SFT / DPT / DFT) from a cache or a dataset."""
-    from kdcache import config as configs
-    from student_train.config import TrainConfig
+def run_train(cfg: TrainConfig) -> None:
+    from student_train.train import train
 
-    overrides = dict(stage=stage, student=student, out=out, cache=cache, data=data, images=images,
-                     template=template, batch_size=batch_size, global_batch=global_batch, grad_accum=grad_accum,
-                     lr=lr, max_steps=max_steps, epochs=epochs, alpha=alpha, beta=beta, gamma=gamma, tail=tail,
-                     loss_norm=loss_norm, clip_grad=clip_grad, grad_checkpointing=grad_checkpointing, fsdp=fsdp,
-                     seed=seed, device=device, num_workers=num_workers, save_every=save_every, resume=resume,
-                     trust_remote_code=trust_remote_code)
-    values = configs.load_yaml(config)
-    missing = [k for k in ("stage", "student", "out") if overrides[k] is None and k not in values]
-    if missing:
-        raise typer.BadParameter(f"missing {', '.join('--' + m for m in missing)}")
-    cfg = configs.build(TrainConfig, values, overrides)
-    from student_train.train import train as run_train
-
-    final = run_train(cfg)
+    final = train(cfg)
     if final is not None:
         typer.echo(f"final student saved to {final}")
 
 
-@app.command(epilog="Examples:\n\n  kdcache inspect cache/\n\n  kdcache inspect s3://bucket/caches/llava-kd-4b")
+DUMP_SHORTHANDS = (
+    Shorthand("topk", ("topk_response", "topk_visual"),
+              "k for both roles; --topk-response / --topk-visual override it."),
+    Shorthand("temperature", ("temperature_response", "temperature_visual"),
+              "Softmax temperature for both roles; --temperature-response / --temperature-visual override it."),
+)
+
+app.command(
+    name="dump", help="Run the teacher once over a dataset and write top-k targets and relations to a cache.",
+    epilog="Examples:\n\n  kdcache dump --teacher runs/teacher/final --data qa.json --images imgs/ --out cache/\n\n"
+           "  torchrun --nproc-per-node 8 -m kdcache.cli dump --teacher T --data D.json --images I --out C\n\n"
+           "  kdcache dump --config dump.yaml --max-samples 100",
+)(config_command(DumpConfig, run_dump, shorthands=DUMP_SHORTHANDS, aliases={"shard_size_mb": ("--shard-size",)}))
+
+app.command(
+    name="train", help="Train a student through one stage (PT / SFT / DPT / DFT) from a cache or a dataset.",
+    epilog="Examples:\n\n  kdcache train --stage dft --student runs/sft/final --cache cache/ --out runs/dft\n\n"
+           "  kdcache train --stage pt --student qwen1.5-0.5b --data blip.json --images imgs/ --out runs/pt\n\n"
+           "  torchrun --nproc-per-node 4 -m kdcache.cli train --stage dpt --student qwen1.5-0.5b --cache C --out R",
+)(config_command(TrainConfig, run_train))
+
+
+# `inspect_cache`, not `inspect`: the module `inspect` builds the generated signatures above.
+@app.command(name="inspect",
+             epilog="Examples:\n\n  kdcache inspect cache/\n\n  kdcache inspect s3://bucket/caches/llava-kd-4b")
 @clean_errors
-def inspect(cache: str = typer.Argument(..., help="Cache directory or fsspec URL.")):
+def inspect_cache(cache: str = typer.Argument(..., help="Cache directory or fsspec URL.")):
     """Summarise a cache: teacher, tokenizer, samples, bytes, tail mass per role, skipped samples."""
     from kdcache.reader import describe_cache
 
@@ -181,7 +193,8 @@ def evaluate(
     model: str = typer.Option(..., help="Checkpoint directory (or preset/hub id)."),
     data: str = typer.Option(..., help="LLaVA JSON/JSONL with reference answers."),
     images: Optional[str] = typer.Option(None, help="Image folder."),
-    template: str = typer.Option("qwen2_base", help="plain | qwen2_base."),
+    template: str = typer.Option("qwen2_base", metavar="<choice>",
+                                 help=f"Conversation template.  [choices: {' | '.join(TEMPLATES)}]"),
     max_samples: Optional[int] = typer.Option(None, help="Evaluate only the first N samples."),
     max_new_tokens: int = typer.Option(8, help="Greedy tokens per answer."),
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
@@ -189,6 +202,7 @@ def evaluate(
     """Greedy generation and exact-match accuracy per question type."""
     import json
 
+    configs.check_choice("template", template, TEMPLATES)
     from kdcache.evaluate import evaluate_checkpoint
 
     report = evaluate_checkpoint(model, data, images, template=template, max_samples=max_samples,
@@ -203,7 +217,7 @@ def quickstart(
     seed: int = typer.Option(0, help="Seed for data and models."),
 ):
     """Run the whole recipe on the embedded toy world, on a CPU, in minutes."""
-    from kdcache.quickstart import run_quickstart
+    from kdcache.toy.recipe import run_quickstart
 
     run_quickstart(out, seed=seed)
 

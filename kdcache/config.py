@@ -1,17 +1,24 @@
 """Job configuration plumbing: YAML file + command-line overrides -> one frozen dataclass.
 
 The dataclasses themselves live with their jobs (`teacher_dump/config.py`,
-`student_train/config.py`); this module only merges sources, so that each default is written once.
-No torch import here: the CLI uses it before deciding what to load.
+`student_train/config.py`), each field declared once with its ``metadata``: ``help``; ``ge`` /
+``gt`` for a range; ``shown_default`` where help should show something other than the field's
+default (a None filled in later). This module merges sources (`build`), checks values against their
+declared types (`check_fields`, the one place a `Literal`'s choices are enforced) and describes
+fields for the CLI (`field_help`).
+
+Module-level imports are stdlib and kdcache.errors only: the dataclass modules import this one, and
+the CLI imports them before deciding what to load (`kdcache --help` must not pull in torch).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import types
+import typing
 from pathlib import Path
-from typing import Any, TypeVar
-
-import yaml
+from typing import Any, Literal, TypeVar
 
 from kdcache.errors import KdcacheError
 
@@ -22,6 +29,8 @@ def load_yaml(path: str | Path | None) -> dict[str, Any]:
     """A YAML mapping of config fields (safe_load: no object construction)."""
     if path is None:
         return {}
+    import yaml  # here, not at the top: the dataclass modules import this module and stay stdlib-only
+
     try:
         data = yaml.safe_load(Path(path).read_text())
     except (OSError, yaml.YAMLError) as e:
@@ -50,13 +59,88 @@ def build(cls: type[C], file_values: dict[str, Any], overrides: dict[str, Any]) 
         raise KdcacheError(f"bad configuration: {e}") from None
 
 
-def default_of(cls: type, name: str) -> Any:
-    """The dataclass default of a field, for help texts."""
-    for f in dataclasses.fields(cls):
-        if f.name == name:
-            return f.default
-    raise KeyError(name)
-
-
 def save_yaml(config: Any, path: str | Path) -> None:
+    import yaml
+
     Path(path).write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
+
+
+@functools.cache
+def field_types(cls: type) -> dict[str, Any]:
+    """Each field's type, evaluated: the dataclass modules use `from __future__ import annotations`."""
+    return typing.get_type_hints(cls)
+
+
+def value_type(tp: Any) -> Any:
+    """The type a field holds when it is set: ``int | None`` -> int; a Literal stays itself."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+def choices_of(tp: Any) -> tuple | None:
+    """The values a Literal field allows (``TemplateName | None`` -> its names), None for other types."""
+    tp = value_type(tp)
+    return typing.get_args(tp) if typing.get_origin(tp) is Literal else None
+
+
+def check_choice(name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise KdcacheError(f"unknown {name} {value!r}; choose one of {', '.join(map(str, choices))}")
+
+
+def check_fields(config: Any) -> None:
+    """Refuse a field value outside its Literal, its numeric type or its declared range.
+
+    Call it first in a config's ``__post_init__``. None means "unset" and is not checked: a field
+    that may be None says so in its type.
+    """
+    hints = field_types(type(config))
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if value is None:
+            continue
+        tp = value_type(hints[f.name])
+        choices = choices_of(tp)
+        if choices is not None:
+            check_choice(f.name, value, choices)
+        elif tp in (bool, int, float):
+            _check_number(f.name, value, tp, f.metadata)
+
+
+def _check_number(name: str, value: Any, tp: type, metadata: Any) -> None:
+    # bool is an int subclass: accept it only for bool fields; an int is a fine float.
+    accepted = (int, float) if tp is float else (tp,)
+    if isinstance(value, bool) != (tp is bool) or not isinstance(value, accepted):
+        hint = " (YAML reads 1e-3 as text: write 1.0e-3)" if isinstance(value, str) else ""
+        raise KdcacheError(f"{name} must be a {tp.__name__}, got {value!r}{hint}")
+    if "ge" in metadata and value < metadata["ge"]:
+        raise KdcacheError(f"{name} must be >= {metadata['ge']}, got {value}")
+    if "gt" in metadata and value <= metadata["gt"]:
+        raise KdcacheError(f"{name} must be > {metadata['gt']}, got {value}")
+
+
+def show(value: Any) -> str:
+    """A default as help shows it: 512 not 512.0, on/off for switches."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def field_help(cls: type, f: dataclasses.Field) -> str:
+    """A field's help text, its choices and its default (none shown for a plain None)."""
+    parts = [f.metadata.get("help", "")]
+    choices = choices_of(field_types(cls)[f.name])
+    if choices is not None:
+        parts.append(f"[choices: {' | '.join(choices)}]")  # spaces: long lists wrap between names
+    if "shown_default" in f.metadata:
+        parts.append(f"[default: {f.metadata['shown_default']}]")
+    elif f.default is dataclasses.MISSING:
+        parts.append("[required: a flag or --config]")
+    elif f.default is not None:
+        parts.append(f"[default: {show(f.default)}]")
+    return "  ".join(p for p in parts if p)   # two spaces before brackets, as typer writes its own

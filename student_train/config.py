@@ -1,86 +1,120 @@
-"""The training job's configuration: one frozen dataclass; stage defaults from the paper (DESIGN §6)."""
+"""The training job's configuration: one frozen dataclass; stage defaults from the paper (docs/design.md §6).
+
+Each field is declared once, here: `kdcache train` derives its flags, help and defaults from these
+fields and their ``metadata`` (``help``; ``shown_default`` where the default is not a plain value;
+``ge`` / ``gt`` ranges checked by `kdcache.config.check_fields`). Fields left None take the stage's
+value in `TrainConfig.resolve`.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal, NamedTuple, get_args
 
-# stage -> (trainable parts, learning rate, global batch, template, distils from a cache)
-STAGES: dict[str, tuple[tuple[str, ...], float, int, str, bool]] = {
-    "pt":  (("projector",), 1e-3, 256, "plain", False),
-    "sft": (("projector", "llm"), 2e-5, 128, "qwen2_base", False),
-    "dpt": (("projector",), 1e-3, 256, "plain", True),
-    "dft": (("projector", "llm"), 2e-5, 128, "qwen2_base", True),
+from kdcache.config import check_fields
+from kdcache.errors import KdcacheError
+from kdcache.templates import TemplateName
+
+StageName = Literal["pt", "sft", "dpt", "dft"]
+
+
+class Stage(NamedTuple):
+    trainable: tuple[str, ...]     # parts of the model that train
+    lr: float                      # peak learning rate
+    global_batch: int
+    template: TemplateName
+    distills: bool                 # learns from a teacher's cache (else plain cross-entropy)
+
+
+STAGES: dict[str, Stage] = {
+    "pt":  Stage(("projector",), 1e-3, 256, "plain", False),
+    "sft": Stage(("projector", "llm"), 2e-5, 128, "qwen2_base", False),
+    "dpt": Stage(("projector",), 1e-3, 256, "plain", True),
+    "dft": Stage(("projector", "llm"), 2e-5, 128, "qwen2_base", True),
 }
+assert tuple(STAGES) == get_args(StageName), "STAGES and StageName must name the same stages"
+
+
+def _by_stage(value) -> str:
+    """'pt 0.001, sft 2e-05, ...': a stage default for help texts, read from STAGES."""
+    return ", ".join(f"{name} {value(stage)}" for name, stage in STAGES.items())
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    stage: str                          # pt | sft | dpt | dft
-    student: str                        # checkpoint dir, hub id or preset name
-    out: str                            # run directory
-    cache: str | None = None            # kdcache cache (required for dpt / dft)
-    data: str | None = None             # LLaVA JSON / JSONL (pt / sft without a cache)
-    images: str | None = None           # image folder for --data, or for a cache dumped with --no-embed-images
-    template: str | None = None         # default: the stage's (plain for pt/dpt, qwen2_base for sft/dft)
-    max_length: int = 2048
-    lr: float | None = None             # default: the stage's (1e-3 pt/dpt, 2e-5 sft/dft)
-    global_batch: int | None = None     # default: the stage's (256 pt/dpt, 128 sft/dft)
-    batch_size: int = 4                 # per device
-    grad_accum: int | None = None       # default: global_batch / (batch_size * world_size)
-    epochs: int = 1
-    max_steps: int | None = None
-    warmup_ratio: float = 0.03
-    weight_decay: float = 0.0
-    clip_grad: float | None = None      # off, as in the paper's code
-    alpha: float = 1.0                  # weight of the response-token KL
-    beta: float = 1.0                   # weight of the visual-token KL
-    gamma: float = 0.5                  # weight of the relation loss
-    tail: str = "bucket"                # bucket | renorm
-    loss_norm: str = "token"            # token | sample
-    chunk_rows: int = 512
-    grad_checkpointing: bool = False
-    fsdp: bool = False
-    seed: int = 0
-    device: str = "auto"
-    num_workers: int = 2
-    save_every: int = 500               # optimizer steps between checkpoints (and at the end)
-    log_every: int = 1
-    resume: bool = False
-    trust_remote_code: bool = False
-    progress: bool = True
+    stage: StageName = field(metadata={"help": "Training stage: pt and sft learn from data, dpt and dft distill "
+                                               "from a cache."})
+    student: str = field(metadata={"help": "Student: checkpoint dir, hub id or preset."})
+    out: str = field(metadata={"help": "Run directory (config, metrics, checkpoints, final/)."})
+    cache: str | None = field(default=None, metadata={
+        "help": "Cache written by `kdcache dump` (required for dpt/dft)."})
+    data: str | None = field(default=None, metadata={"help": "LLaVA JSON/JSONL for pt/sft without a cache."})
+    images: str | None = field(default=None, metadata={
+        "help": "Image folder for --data, or for a cache dumped with --no-embed-images."})
+    template: TemplateName | None = field(default=None, metadata={
+        "help": "Conversation template.", "shown_default": f"the stage's: {_by_stage(lambda s: s.template)}"})
+    max_length: int = field(default=2048, metadata={"help": "Longest sequence allowed, in tokens.", "ge": 1})
+    lr: float | None = field(default=None, metadata={
+        "help": "Peak learning rate.", "shown_default": f"the stage's: {_by_stage(lambda s: f'{s.lr:g}')}", "gt": 0})
+    global_batch: int | None = field(default=None, metadata={
+        "help": "Global batch.", "shown_default": f"the stage's: {_by_stage(lambda s: s.global_batch)}", "ge": 1})
+    batch_size: int = field(default=4, metadata={"help": "Per-device batch.", "ge": 1})
+    grad_accum: int | None = field(default=None, metadata={
+        "help": "Gradient accumulation steps.", "shown_default": "global_batch / (batch_size x world size)", "ge": 1})
+    epochs: int = field(default=1, metadata={"help": "Epochs.", "ge": 1})
+    max_steps: int | None = field(default=None, metadata={"help": "Stop after N optimizer steps.", "ge": 1})
+    warmup_ratio: float = field(default=0.03, metadata={"help": "Fraction of the steps spent warming up the lr.",
+                                                        "ge": 0})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay.", "ge": 0})
+    clip_grad: float | None = field(default=None, metadata={
+        "help": "Clip the gradient norm to this value.", "shown_default": "off, as in the paper's code", "gt": 0})
+    alpha: float = field(default=1.0, metadata={"help": "Weight of the response-token KL.", "ge": 0})
+    beta: float = field(default=1.0, metadata={"help": "Weight of the visual-token KL.", "ge": 0})
+    gamma: float = field(default=0.5, metadata={"help": "Weight of the relation loss.", "ge": 0})
+    tail: Literal["bucket", "renorm"] = field(default="bucket", metadata={
+        "help": "Teacher mass outside the top-k: one extra bucket, or renormalise the top-k."})
+    loss_norm: Literal["token", "sample"] = field(default="token", metadata={
+        "help": "Average the losses over tokens or over samples."})
+    chunk_rows: int = field(default=512, metadata={"help": "Rows per LM-head chunk in the losses.", "ge": 1})
+    grad_checkpointing: bool = field(default=False, metadata={"help": "Recompute LLM activations in backward."})
+    fsdp: bool = field(default=False, metadata={"help": "Shard the student with FSDP instead of DDP."})
+    seed: int = field(default=0, metadata={"help": "Seed for init and data order."})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda."})
+    num_workers: int = field(default=2, metadata={"help": "DataLoader workers.", "ge": 0})
+    save_every: int = field(default=500, metadata={
+        "help": "Optimizer steps between checkpoints (and one at the end).", "ge": 1})
+    log_every: int = field(default=1, metadata={"help": "Optimizer steps between metric lines.", "ge": 1})
+    resume: bool = field(default=False, metadata={"help": "Continue from the last checkpoint in --out."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code."})
+    progress: bool = field(default=True, metadata={"help": "Show a progress bar."})
 
     def __post_init__(self) -> None:
-        from kdcache.errors import KdcacheError
-
-        if self.stage not in STAGES:
-            raise KdcacheError(f"unknown stage {self.stage!r}; choose one of {', '.join(STAGES)}")
-        if STAGES[self.stage][4] and self.cache is None:
-            raise KdcacheError(f"stage {self.stage} distils from a cache: pass --cache (dump one with `kdcache dump`)")
+        check_fields(self)  # first: the stage name must be valid before STAGES is read
+        if self.distills and self.cache is None:
+            raise KdcacheError(f"stage {self.stage} distills from a cache: pass --cache (dump one with `kdcache dump`)")
         if (self.cache is None) == (self.data is None):
             raise KdcacheError("pass exactly one of --cache or --data")
-        if self.tail not in ("bucket", "renorm"):
-            raise KdcacheError(f"unknown tail {self.tail!r}; choose bucket or renorm")
-        if self.loss_norm not in ("token", "sample"):
-            raise KdcacheError(f"unknown loss_norm {self.loss_norm!r}; choose token or sample")
-        if self.template is not None and self.template not in ("plain", "qwen2_base"):
-            raise KdcacheError(f"unknown template {self.template!r}; choose plain or qwen2_base")
 
     @property
     def trainable(self) -> tuple[str, ...]:
-        return STAGES[self.stage][0]
+        return STAGES[self.stage].trainable
 
     @property
-    def distils(self) -> bool:
-        return STAGES[self.stage][4]
+    def distills(self) -> bool:
+        return STAGES[self.stage].distills
 
-    @property
-    def resolved_lr(self) -> float:
-        return self.lr if self.lr is not None else STAGES[self.stage][1]
+    def resolve(self, world_size: int) -> TrainConfig:
+        """This config with every stage default filled in: lr, global_batch, template and grad_accum.
 
-    @property
-    def resolved_global_batch(self) -> int:
-        return self.global_batch if self.global_batch is not None else STAGES[self.stage][2]
-
-    @property
-    def resolved_template(self) -> str:
-        return self.template if self.template is not None else STAGES[self.stage][3]
+        grad_accum defaults to global_batch / (batch_size * world_size), at least 1.
+        """
+        if world_size < 1:
+            raise KdcacheError(f"world_size must be >= 1, got {world_size}")
+        stage = STAGES[self.stage]
+        global_batch = self.global_batch if self.global_batch is not None else stage.global_batch
+        grad_accum = (self.grad_accum if self.grad_accum is not None
+                      else max(1, global_batch // (self.batch_size * world_size)))
+        return dataclasses.replace(
+            self, lr=self.lr if self.lr is not None else stage.lr, global_batch=global_batch,
+            template=self.template if self.template is not None else stage.template, grad_accum=grad_accum)

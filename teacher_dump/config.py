@@ -1,44 +1,51 @@
-"""The dump job's configuration: one frozen dataclass, defaults from the paper's real run."""
+"""The dump job's configuration: one frozen dataclass, defaults from the paper's real run.
+
+Each field is declared once, here: `kdcache dump` derives its flags, help and defaults from these
+fields and their ``metadata`` (``help``; ``ge`` / ``gt`` ranges checked by `kdcache.config.check_fields`).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
+
+from kdcache.config import check_fields
+from kdcache.templates import TemplateName
+
+DType = Literal["auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"]
 
 
 @dataclass(frozen=True)
 class DumpConfig:
-    teacher: str                       # checkpoint dir, hub id or preset name
-    data: str                          # LLaVA JSON / JSONL
-    out: str                           # cache directory
-    images: str | None = None          # image folder (None: text-only data)
-    template: str = "qwen2_base"       # plain | qwen2_base
-    topk_response: int = 64
-    topk_visual: int = 64
-    temperature_response: float = 1.0
-    temperature_visual: float = 1.0
-    relation: bool = True
-    embed_images: bool = True
-    batch_size: int = 8
-    max_samples: int | None = None
-    max_length: int = 2048
-    shard_size_mb: float = 512.0
-    device: str = "auto"               # auto | cpu | cuda | cuda:N
-    dtype: str = "auto"                # auto (bf16 on GPU, float32 on CPU) | float32 | bfloat16
-    chunk_rows: int = 256              # rows per LM-head chunk in top-k extraction
-    skip_bad: bool = False
-    allow_untrained: bool = False
-    trust_remote_code: bool = False
-    revision: str | None = None
-    progress: bool = True
+    teacher: str = field(metadata={"help": "Teacher: checkpoint dir, hub id or preset (qwen1.5-4b, ...)."})
+    data: str = field(metadata={"help": "LLaVA JSON or JSONL dataset."})
+    out: str = field(metadata={"help": "Cache directory to write (resumed if partial, see --resume)."})
+    images: str | None = field(default=None, metadata={
+        "help": "Folder the dataset's image paths are relative to (none: text-only data)."})
+    template: TemplateName = field(default="qwen2_base", metadata={"help": "Conversation template."})
+    topk_response: int = field(default=64, metadata={"help": "k at response rows.", "ge": 1})
+    topk_visual: int = field(default=64, metadata={"help": "k at visual rows.", "ge": 1})
+    temperature_response: float = field(default=1.0, metadata={
+        "help": "Softmax temperature at response rows.", "gt": 0})
+    temperature_visual: float = field(default=1.0, metadata={"help": "Softmax temperature at visual rows.", "gt": 0})
+    relation: bool = field(default=True, metadata={"help": "Store relation matrices."})
+    embed_images: bool = field(default=True, metadata={"help": "Embed image bytes in the cache."})
+    batch_size: int = field(default=8, metadata={"help": "Samples per teacher forward.", "ge": 1})
+    max_samples: int | None = field(default=None, metadata={"help": "Dump only the first N samples.", "ge": 1})
+    max_length: int = field(default=2048, metadata={"help": "Longest sequence allowed, in tokens.", "ge": 1})
+    shard_size_mb: float = field(default=512.0, metadata={"help": "Target shard size in MB.", "gt": 0})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N."})
+    dtype: DType = field(default="auto", metadata={
+        "help": "Teacher dtype; auto is bfloat16 on a GPU that supports it, float32 elsewhere."})
+    chunk_rows: int = field(default=256, metadata={"help": "Rows per LM-head chunk in top-k extraction.", "ge": 1})
+    skip_bad: bool = field(default=False, metadata={"help": "Skip bad samples, listing them in the manifest."})
+    allow_untrained: bool = field(default=False, metadata={
+        "help": "Dump a teacher whose projector was never trained."})
+    resume: bool = field(default=True, metadata={
+        "help": "Resume a partial cache at --out; --no-resume refuses a non-empty --out."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the checkpoint."})
+    revision: str | None = field(default=None, metadata={"help": "Hub revision of the teacher."})
+    progress: bool = field(default=True, metadata={"help": "Show a progress bar."})
 
     def __post_init__(self) -> None:
-        from kdcache.errors import KdcacheError
-
-        if self.template not in ("plain", "qwen2_base"):
-            raise KdcacheError(f"unknown template {self.template!r}; choose plain or qwen2_base")
-        for name in ("topk_response", "topk_visual", "batch_size", "max_length", "chunk_rows"):
-            if getattr(self, name) < 1:
-                raise KdcacheError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("temperature_response", "temperature_visual", "shard_size_mb"):
-            if getattr(self, name) <= 0:
-                raise KdcacheError(f"{name} must be > 0, got {getattr(self, name)}")
+        check_fields(self)
