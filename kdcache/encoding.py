@@ -212,8 +212,10 @@ def _bytes(sample: dict, key: str, size: int | None) -> bytes | None:
 class DecodedBatch:
     """A record batch as flat numpy arrays, decoded once; `sample(row)` slices one sample out.
 
-    `where` names the shard in errors. The batch comes from an untrusted file: nulls in
-    non-nullable columns and rows whose lengths disagree are refused with CacheError.
+    `where` names the shard in errors. The batch comes from an untrusted file: this is the one
+    place its rows are checked (nulls in non-nullable columns, rows whose lengths disagree, visual
+    spans and response rows outside the sequence are refused with CacheError), so what
+    `sample(row)` returns can be used as is.
     """
 
     def __init__(self, batch: pa.RecordBatch, where: str):
@@ -269,5 +271,11 @@ class DecodedBatch:
             if len(s[name]) != rows:
                 raise CacheError(f"{self.where}: sample {s[SAMPLE_ID]!r}: {name} has {len(s[name])} rows, "
                                  f"expected {rows}")
-        if s[VISUAL_START] + L > len(s[INPUT_IDS]) or (s[RELATION] is None) != (s[RELATION_NORM] is None):
+        T = len(s[INPUT_IDS])
+        if s[VISUAL_START] + L > T or (s[RELATION] is None) != (s[RELATION_NORM] is None):
             raise CacheError(f"{self.where}: sample {s[SAMPLE_ID]!r}: inconsistent visual span or relation")
+        rows = s[RESPONSE_ROWS]
+        if len(rows) and (int(rows.min()) < 0 or int(rows.max()) >= T - 1):
+            # row t predicts token t + 1: a row past T - 2 would read a label from the padding
+            raise CacheError(f"{self.where}: sample {s[SAMPLE_ID]!r}: {RESPONSE_ROWS} outside [0, {T - 1}) "
+                             f"for a sequence of {T} tokens")

@@ -1,4 +1,4 @@
-"""Cache reader: the training side of the cache (DESIGN §4, §8).
+"""Cache reader: the training side of the cache (docs/design.md §4, §8).
 
 `CacheReader` gives random access to the samples of a finished cache, local or behind an fsspec
 URL; `verify_cache` lists every fault it can find; `describe_cache` is the `kdcache inspect`
@@ -9,7 +9,6 @@ verified on request, and nothing is ever unpickled.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -21,6 +20,7 @@ import pyarrow as pa
 from kdcache import schema
 from kdcache.encoding import DecodedBatch
 from kdcache.errors import CacheError, KdcacheError
+from kdcache.files import sha256_stream
 
 
 class CacheLocation:
@@ -84,13 +84,10 @@ class CacheLocation:
         size = self.size(entry["path"])
         if size != entry["num_bytes"]:
             return f"{where}: shard is {size} bytes, the manifest says {entry['num_bytes']}"
-        digest = hashlib.sha256()
         with self.open(entry["path"]) as f:
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
-        if digest.hexdigest() != entry["sha256"]:
-            return (f"{where}: sha256 {digest.hexdigest()} does not match the manifest's {entry['sha256']} "
-                    "(corrupt shard)")
+            _, sha256 = sha256_stream(f)
+        if sha256 != entry["sha256"]:
+            return f"{where}: sha256 {sha256} does not match the manifest's {entry['sha256']} (corrupt shard)"
         return None
 
 
@@ -128,7 +125,8 @@ class CacheReader:
     unknown `format_version`, unsafe shard paths and shards whose schema or row count disagrees
     with the manifest; with `verify=True` every shard's size and sha256 are checked first. Shards are
     opened lazily (a small LRU of `max_open_shards`), so a reader is cheap to construct and to send
-    to DataLoader workers: pickling it drops the open shards.
+    to DataLoader workers: pickling it drops the open shards, and a forked worker opens its own
+    (memory maps and decoded batches are never shared between processes).
     """
 
     def __init__(self, cache, *, verify: bool = False, max_open_shards: int = 4):
@@ -155,6 +153,7 @@ class CacheReader:
                     raise CacheError(fault)
         self.max_open_shards = max_open_shards
         self._open: OrderedDict[int, _ShardState] = OrderedDict()
+        self._pid = os.getpid()
 
     def __len__(self) -> int:
         return int(self._starts[-1])
@@ -193,6 +192,8 @@ class CacheReader:
         self._open.clear()
 
     def _shard(self, shard: int) -> _ShardState:
+        if self._pid != os.getpid():      # a forked DataLoader worker: drop the parent's open shards
+            self._open, self._pid = OrderedDict(), os.getpid()
         if shard in self._open:
             self._open.move_to_end(shard)
             return self._open[shard]

@@ -7,7 +7,6 @@ folder.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -18,6 +17,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from kdcache.errors import KdcacheError, SampleError
+from kdcache.files import sha256_file
 
 
 @dataclass(frozen=True)
@@ -98,11 +98,7 @@ def _record(item, index: int, where: str) -> Record:
 
 def dataset_fingerprint(path: str | Path) -> str:
     """"sha256:<hex>" of the dataset file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return f"sha256:{digest.hexdigest()}"
+    return "sha256:" + sha256_file(path)[1]
 
 
 def image_path(images_dir: str | Path, record: Record) -> Path:
@@ -129,6 +125,18 @@ def read_image_bytes(images_dir: str | Path, record: Record) -> bytes:
         raise SampleError(record.sample_id, f"image not found: {path}") from None
     except OSError as e:
         raise SampleError(record.sample_id, f"cannot read image {path}: {e.strerror or e}") from None
+
+
+def load_image(images_dir: str | Path | None, record: Record) -> tuple[bytes, Image.Image]:
+    """(raw bytes, decoded RGB image) of the record's image: what every job reads a dataset image with.
+
+    SampleError naming the sample when no images folder was given, the file is missing or
+    unreadable, its path escapes the folder, or its bytes are not a complete image.
+    """
+    if images_dir is None:
+        raise SampleError(record.sample_id, f"has image {record.image!r} but no --images folder was given")
+    data = read_image_bytes(images_dir, record)
+    return data, decode_image(data, record.sample_id)
 
 
 def decode_image(data: bytes, sample_id: str) -> Image.Image:

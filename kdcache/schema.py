@@ -1,8 +1,10 @@
-"""The cache format, version 1 (DESIGN §4): the only place its columns and layout are defined.
+"""The cache format, version 1 (docs/design.md §4): the only place its columns and layout are defined.
 
 A cache is a directory holding `manifest.json` (written last) and Arrow IPC shards named
-`shard-r{rank:03d}-{index:05d}.arrow`; while a dump runs, per-shard sidecars and per-rank reports
-live in `_parts/`. The writer (`kdcache.shards`) and the reader (`kdcache.reader`) both import this.
+`shard-r{rank:03d}-{index:05d}.arrow`; while a dump runs, per-shard sidecars, per-rank reports and
+the dump's run record live in `_parts/`. Every on-disk name and column is defined here and nowhere
+else; the writer (`kdcache.writer`), the reader (`kdcache.reader`), the row codec
+(`kdcache.encoding`) and the dump job import them.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ FORMAT_VERSION = 1
 
 MANIFEST_NAME = "manifest.json"
 PARTS_DIR = "_parts"
+RUN_FILE = "dump-config.json"        # in PARTS_DIR: the settings a resumed dump must match
 SHARD_PATTERN = re.compile(r"^shard-r(\d{3,})-(\d{5,})\.arrow$")
 
 # --- columns (one row per sample)
@@ -49,7 +52,7 @@ REQUIRED_MANIFEST_KEYS = ("format", "format_version", "topk", "num_samples", "sh
 
 
 def shard_schema(k_response: int, k_visual: int) -> pa.Schema:
-    """The Arrow schema of every shard of a cache with these top-k sizes (DESIGN §4, exactly)."""
+    """The Arrow schema of every shard of a cache with these top-k sizes (docs/design.md §4, exactly)."""
     for name, k in (("k_response", k_response), ("k_visual", k_visual)):
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise ValueError(f"{name} must be a positive int, got {k!r}")
@@ -73,7 +76,8 @@ def shard_schema(k_response: int, k_visual: int) -> pa.Schema:
 
 
 def relation_size(visual_len: int) -> int:
-    """Number of stored relation values: the upper triangle of an (L, L) matrix, diagonal included."""
+    """Number of stored relation values: the upper triangle of an (L, L) matrix, diagonal included,
+    L (L + 1) / 2 (`kdcache.targets.pack_upper`'s layout)."""
     return visual_len * (visual_len + 1) // 2
 
 

@@ -1,6 +1,6 @@
 """What the dump computes from the teacher's final hidden states: top-k log-probs and the relation matrix.
 
-Pure torch, float32 inside. Two quantities (DESIGN section 3):
+Pure torch, float32 inside. Two quantities (docs/design.md §3):
 
 * per row t, the top-k ids and log-probs of `log_softmax(h_t Wᵀ / T)` over the full vocabulary;
 * per sample with an image, the visual-logit Gram matrix `R = Y Yᵀ` with `Y = H Wᵀ` the
@@ -18,6 +18,8 @@ import math
 
 import torch
 from torch import Tensor
+
+from kdcache.schema import relation_size
 
 
 def compute_dtype(*tensors: Tensor) -> torch.dtype:
@@ -141,15 +143,10 @@ def relation_from_hidden(hidden_visual: Tensor, gram: Tensor) -> Tensor:
     return 0.5 * (relation + relation.transpose(-1, -2))
 
 
-def packed_size(visual_len: int) -> int:
-    """Number of entries of a packed upper triangle incl. the diagonal: L (L + 1) / 2."""
-    return visual_len * (visual_len + 1) // 2
-
-
 def visual_len_of_packed(size: int) -> int:
-    """Inverse of `packed_size`; raises ValueError if `size` is not a triangular number."""
+    """Inverse of `schema.relation_size`; raises ValueError if `size` is not a triangular number."""
     visual_len = (math.isqrt(8 * size + 1) - 1) // 2
-    if packed_size(visual_len) != size:
+    if relation_size(visual_len) != size:
         raise ValueError(f"packed relation of {size} values is not L(L+1)/2 for any integer L")
     return visual_len
 
@@ -169,9 +166,9 @@ def unpack_upper(packed: Tensor, visual_len: int) -> Tensor:
 
     packed (..., L (L + 1) / 2) -> (..., L, L), same dtype. Raises ValueError on a size mismatch.
     """
-    if packed.shape[-1] != packed_size(visual_len):
+    if packed.shape[-1] != relation_size(visual_len):
         raise ValueError(f"packed relation has {packed.shape[-1]} values, expected "
-                         f"{packed_size(visual_len)} for visual_len={visual_len}")
+                         f"{relation_size(visual_len)} for visual_len={visual_len}")
     rows, cols = torch.triu_indices(visual_len, visual_len, device=packed.device)
     matrix = packed.new_zeros(*packed.shape[:-1], visual_len, visual_len)  # (..., L, L)
     matrix[..., rows, cols] = packed

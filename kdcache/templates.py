@@ -1,4 +1,4 @@
-"""Conversation -> token ids, with image tokens expanded and the supervised rows marked (DESIGN §2).
+"""Conversation -> token ids, with image tokens expanded and the supervised rows marked (docs/design.md §2).
 
 Two templates, with TinyLLaVA's conventions (the paper's code):
 

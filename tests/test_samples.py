@@ -100,8 +100,8 @@ def test_image_paths_in_subfolders_are_read(tmp_path):
 
 
 def test_decoded_images_are_rgb(tmp_path):
-    for mode, colour in (("RGBA", (10, 20, 30, 128)), ("L", 200), ("P", 3)):
-        image = samples.decode_image(png_bytes(Image.new(mode, (5, 3), colour)), "m")
+    for mode, color in (("RGBA", (10, 20, 30, 128)), ("L", 200), ("P", 3)):
+        image = samples.decode_image(png_bytes(Image.new(mode, (5, 3), color)), "m")
         assert image.mode == "RGB" and image.size == (5, 3)
 
 

@@ -12,9 +12,10 @@ import pyarrow as pa
 import pytest
 
 from kdcache import schema
+from kdcache.encoding import DecodedBatch, coerce_sample, record_batch
 from kdcache.errors import CacheError, SampleError
-from kdcache.shards import (CacheReader, ShardWriter, completed_sample_ids, describe_cache, finalize_cache,
-                            verify_cache, write_rank_report)
+from kdcache.reader import CacheReader, describe_cache, verify_cache
+from kdcache.writer import ShardWriter, completed_sample_ids, finalize_cache, write_rank_report
 
 K_R, K_V = 8, 4
 
@@ -273,6 +274,15 @@ def test_reader_refuses_a_shard_with_another_schema(tmp_path):
     reader = CacheReader(tmp_path)
     with pytest.raises(CacheError, match="schema does not match"):
         reader.read_sample(0)
+
+
+@pytest.mark.parametrize("last_row", [29, 35])                 # T = 30: row 29 would predict token 30
+def test_decoded_rows_refuse_response_rows_past_the_sequence(last_row):
+    record = coerce_sample(make_sample("s0"), k_response=K_R, k_visual=K_V)
+    record["response_rows"] = np.append(record["response_rows"][:-1], last_row).astype(np.int32)
+    batch = record_batch([record], schema.shard_schema(K_R, K_V))
+    with pytest.raises(CacheError, match=r"'s0'.*response_rows outside \[0, 29\)"):
+        DecodedBatch(batch, "shard-x").sample(0)
 
 
 def test_verify_cache_catches_a_flipped_byte_and_names_the_shard(tmp_path):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kdcache import targets
+from kdcache import schema, targets
 
 
 def _hidden_and_head(n=7, d=16, v=50, seed=0):
@@ -126,8 +126,8 @@ def test_unpack_refuses_a_packed_size_that_does_not_match_visual_len():
         targets.unpack_upper(torch.zeros(9), 4)
 
 
-def test_visual_len_of_packed_inverts_packed_size_and_refuses_non_triangular_sizes():
-    assert [targets.visual_len_of_packed(targets.packed_size(n)) for n in (0, 1, 2, 728)] == [0, 1, 2, 728]
+def test_visual_len_of_packed_inverts_relation_size_and_refuses_non_triangular_sizes():
+    assert [targets.visual_len_of_packed(schema.relation_size(n)) for n in (0, 1, 2, 728)] == [0, 1, 2, 728]
     with pytest.raises(ValueError, match="L\\(L\\+1\\)/2"):
         targets.visual_len_of_packed(7)
 

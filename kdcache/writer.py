@@ -1,4 +1,4 @@
-"""Shard writer and manifest merge: the dump's side of the cache (DESIGN §4, §8).
+"""Shard writer and manifest merge: the dump's side of the cache (docs/design.md §4, §8).
 
 Each rank writes its own shards `shard-r{rank:03d}-{index:05d}.arrow` (Arrow IPC file format, zstd
 level 3, 1-4 samples per record batch). A shard is written under `<name>.tmp`; when it is complete
@@ -6,12 +6,11 @@ its sidecar `_parts/<name>.json` (ids, size, sha256, statistics) appears first, 
 renamed into place, so a finished shard always has a sidecar and a killed dump leaves nothing
 half-visible. `finalize_cache` merges every rank's sidecars and skip reports into `manifest.json`,
 written last, and removes `_parts/`. The reader side (CacheReader, verify_cache, describe_cache)
-lives in `kdcache.reader` and is re-exported here.
+lives in `kdcache.reader`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -22,10 +21,7 @@ import pyarrow as pa
 from kdcache import schema
 from kdcache.errors import CacheError, KdcacheError
 from kdcache.encoding import coerce_sample, raw_bytes, record_batch, sample_stats
-from kdcache.reader import CacheReader, describe_cache, verify_cache
-
-__all__ = ["ShardWriter", "completed_sample_ids", "write_rank_report", "finalize_cache",
-           "CacheReader", "verify_cache", "describe_cache"]
+from kdcache.files import sha256_file, write_json_atomic
 
 COMPRESSION = pa.Codec("zstd", 3)
 
@@ -155,7 +151,7 @@ class _OpenShard:
     def finish(self, *, topk: dict) -> None:
         self.writer.close()
         self.sink.close()
-        num_bytes, sha256 = _hash_and_sync(self.tmp)
+        num_bytes, sha256 = sha256_file(self.tmp, sync=True)
         write_json_atomic(self.sidecar, {
             "path": self.name, "rank": self.rank, "index": self.index, "topk": topk,
             "num_samples": len(self.sample_ids), "num_bytes": num_bytes, "sha256": sha256,
@@ -331,27 +327,3 @@ def summary_stats(sums: dict, *, num_samples: int, num_bytes: int) -> dict:
         "samples_with_relation": sums.get("samples_with_relation", 0),
         "image_bytes": sums.get("image_bytes", 0),
     }
-
-
-# --- files
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    """Write JSON to `path` through a temporary file and a rename: readers see the old file or the new one."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _hash_and_sync(path: Path) -> tuple[int, str]:
-    """(size, sha256 hex) of a finished file, flushed to disk before it is renamed into place."""
-    digest, size = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-            size += len(chunk)
-        os.fsync(f.fileno())
-    return size, digest.hexdigest()
