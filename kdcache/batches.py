@@ -1,4 +1,4 @@
-"""From samples to the batch dict the student trains on: datasets, collate, DataLoader.
+"""From samples to the batch dict the student trains on: datasets, padding, collate, the loader.
 
 Two map-style datasets yield the same per-sample dict (global index in, tensors out):
 
@@ -6,15 +6,15 @@ Two map-style datasets yield the same per-sample dict (global index in, tensors 
 * `JsonDataset` builds sequences from LLaVA JSON + an image folder (PT / SFT without a cache).
 
 Image decoding and the student's image processor run in `__getitem__`, i.e. inside DataLoader
-workers. Neither dataset keeps open file state across a fork or a pickle: the cache reader is
-(re)opened lazily in each process. `collate` turns a list of samples into "The batch dict" of
-docs/interfaces.md.
+workers. `collate` turns a list of samples into the batch dict (docs/design.md §7), and
+`StatefulLoader` yields micro-batches forever, epoch after epoch, counting what it yielded so that
+its `state_dict()` is exactly where a resumed run continues.
 
 Per-sample dict (what `__getitem__` returns):
 
     sample_id               str
-    input_ids               (T,) int                  the full sequence, image tokens expanded
-    response_rows           (N_r,) int                rows t whose next token is supervised
+    input_ids               (T,) int32 | int64        the full sequence, image tokens expanded
+    response_rows           (N_r,) int32 | int64      rows t whose next token is supervised
     visual_start, visual_len  int                     0, 0 without an image
     pixel_values            (3, S, S) float32 | None
     -- cache samples with targets only --
@@ -26,7 +26,6 @@ Per-sample dict (what `__getitem__` returns):
 from __future__ import annotations
 
 import hashlib
-import os
 from functools import partial
 from pathlib import Path
 
@@ -36,7 +35,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from kdcache import samples, schema, templates
 from kdcache.errors import CacheError, KdcacheError, SampleError
-from kdcache.shards import CacheReader
+from kdcache.reader import CacheReader
+
+SEQUENCE_COLUMNS = (schema.SAMPLE_ID, schema.INPUT_IDS, schema.RESPONSE_ROWS, schema.VISUAL_START, schema.VISUAL_LEN)
+TARGET_COLUMNS = (*schema.TOPK_COLUMNS["response"], *schema.TOPK_COLUMNS["visual"], schema.RELATION)
 
 # --- datasets
 
@@ -44,72 +46,39 @@ from kdcache.shards import CacheReader
 class CacheDataset(Dataset):
     """A kdcache cache as a map-style dataset over global sample indices (shard order of the manifest).
 
-    `reader` is a `CacheReader` (or a cache path). With `with_targets=False` (PT / SFT from a cache)
-    samples carry no teacher targets. `images` is the image folder for a cache dumped with
-    --no-embed-images (default: the folder recorded in its manifest); the files are found through
-    the dump's dataset file and checked against the cached sha256.
+    `reader` is a `CacheReader` (or a cache path); it has already checked every row it returns
+    (`kdcache.encoding`), so its arrays are used as they are and this class only adds pixel values.
+    With `with_targets=False` (PT / SFT from a cache) samples carry no teacher targets. `images` is
+    the image folder for a cache dumped with --no-embed-images (default: the folder recorded in its
+    manifest); the files are found through the dump's dataset file and checked against the cached
+    sha256. The reader pickles without its open shards, so the dataset goes to workers as it is.
     """
 
     def __init__(self, reader, image_processor, *, images: str | Path | None = None, with_targets: bool = True):
-        if not isinstance(reader, CacheReader):
-            reader = CacheReader(reader)
-        self.cache = reader.cache
-        self.manifest = reader.manifest
-        self.shard_sizes = [int(shard["num_samples"]) for shard in reader.shards]
+        self.reader = reader if isinstance(reader, CacheReader) else CacheReader(reader)
+        self.cache = self.reader.cache
+        self.shard_sizes = [int(shard["num_samples"]) for shard in self.reader.shards]
         self.image_processor = image_processor
-        self.with_targets = with_targets
-        self.topk = {role: int(self.manifest["topk"][role]) for role in schema.ROLES}
-        self._len = len(reader)
-        assert self._len == sum(self.shard_sizes), (self._len, self.shard_sizes)
+        self.columns = SEQUENCE_COLUMNS + (TARGET_COLUMNS if with_targets else ())
         self._image_files, self._images_dir = None, None
-        if not self.manifest.get("images_embedded", True):
-            self._images_dir, self._image_files = _external_images(self.manifest, images, self.cache)
-        self._max_open_shards = reader.max_open_shards
-        self._reader, self._pid = reader, os.getpid()
+        if not self.reader.manifest.get("images_embedded", True):
+            self._images_dir, self._image_files = _external_images(self.reader.manifest, images, self.cache)
 
     def __len__(self) -> int:
-        return self._len
-
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        state["_reader"] = None          # a worker opens its own (spawn pickles the dataset)
-        return state
-
-    def _open_reader(self) -> CacheReader:
-        """This process's reader: a forked worker re-opens rather than share its parent's memory
-        maps, a spawned one opens its own (the pickled dataset carries none)."""
-        if self._reader is None or self._pid != os.getpid():
-            self._reader = CacheReader(self.cache, max_open_shards=self._max_open_shards)
-            self._pid = os.getpid()
-        return self._reader
+        return len(self.reader)
 
     def __getitem__(self, index: int) -> dict:
-        row = self._open_reader().read_sample(int(index))
-        sample_id = str(row[schema.SAMPLE_ID])
-        visual_start, visual_len = int(row[schema.VISUAL_START]), int(row[schema.VISUAL_LEN])
-        sample = {
-            "sample_id": sample_id,
-            "input_ids": _tensor(row[schema.INPUT_IDS], np.int32),
-            "response_rows": _tensor(row[schema.RESPONSE_ROWS], np.int32),
-            "visual_start": visual_start,
-            "visual_len": visual_len,
-            "pixel_values": self._pixel_values(row, sample_id) if visual_len > 0 else None,
-        }
-        if self.with_targets:
-            for role in schema.ROLES:
-                ids_col, logprobs_col = schema.TOPK_COLUMNS[role]
-                sample[ids_col] = _tensor(row[ids_col], np.int32).reshape(-1, self.topk[role])
-                sample[logprobs_col] = _tensor(row[logprobs_col], np.float16).reshape(-1, self.topk[role])
-            relation = row.get(schema.RELATION)
-            sample["relation"] = None if relation is None else _tensor(relation, np.float16)
-        _check_rows(sample, self.cache)
+        row = self.reader.read_sample(int(index))
+        sample = {name: _as_tensor(row[name]) for name in self.columns}
+        sample["pixel_values"] = self._pixel_values(row) if row[schema.VISUAL_LEN] > 0 else None
         return sample
 
-    def _pixel_values(self, row: dict, sample_id: str) -> torch.Tensor:
-        data = row.get(schema.IMAGE)
+    def _pixel_values(self, row: dict) -> torch.Tensor:
+        sample_id = row[schema.SAMPLE_ID]
+        data = row[schema.IMAGE]
         if data is None:
             data = self._external_image_bytes(row, sample_id)
-        image = samples.decode_image(bytes(data), sample_id)
+        image = samples.decode_image(data, sample_id)
         return samples.pixel_values([image], self.image_processor)[0]                 # (3, S, S)
 
     def _external_image_bytes(self, row: dict, sample_id: str) -> bytes:
@@ -119,8 +88,8 @@ class CacheDataset(Dataset):
             raise SampleError(sample_id, f"not in the dataset file the cache {self.cache} was dumped from")
         record = samples.Record(sample_id, self._image_files[sample_id], [])
         data = samples.read_image_bytes(self._images_dir, record)
-        expected = row.get(schema.IMAGE_SHA256)
-        if expected is not None and hashlib.sha256(data).digest() != bytes(expected):
+        expected = row[schema.IMAGE_SHA256]
+        if expected is not None and hashlib.sha256(data).digest() != expected:
             raise SampleError(sample_id, f"image {record.image!r} in {self._images_dir} differs from the one "
                                          f"the teacher saw (sha256 mismatch with cache {self.cache})")
         return data
@@ -150,9 +119,7 @@ class JsonDataset(Dataset):
         record = self.records[int(index)]
         pixel_values = None
         if record.image is not None:
-            if self.images_dir is None:
-                raise SampleError(record.sample_id, f"has image {record.image!r} but no --images folder was given")
-            image = samples.decode_image(samples.read_image_bytes(self.images_dir, record), record.sample_id)
+            _, image = samples.load_image(self.images_dir, record)
             pixel_values = samples.pixel_values([image], self.image_processor)[0]       # (3, S, S)
         sequence = templates.build_sequence(
             record.conversations, self.tokenizer, template=self.template, image_token_id=self.image_token_id,
@@ -168,24 +135,37 @@ class JsonDataset(Dataset):
         }
 
 
-# --- collate
+# --- padding and collate
+
+
+def pad_sequences(sequences: list, pad_id: int, *, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+    """Token sequences -> (input_ids (B, T_max) int64, attention_mask (B, T_max) int64).
+
+    `sequences` are lists or 1-D tensors of ids. Training and the dump pad on the right (positions
+    are unchanged, padding only follows the real tokens); generation pads on the left so that every
+    prompt ends at the last column. An empty list gives (0, 0) tensors.
+    """
+    if side not in ("right", "left"):
+        raise ValueError(f"side must be 'right' or 'left', got {side!r}")
+    lengths = [len(s) for s in sequences]
+    width = max(lengths, default=0)
+    input_ids = torch.full((len(sequences), width), int(pad_id), dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for b, (ids, n) in enumerate(zip(sequences, lengths)):
+        span = slice(0, n) if side == "right" else slice(width - n, width)
+        input_ids[b, span] = torch.as_tensor(ids, dtype=torch.long)
+        attention_mask[b, span] = 1
+    return input_ids, attention_mask
 
 
 def collate(batch: list[dict], *, pad_id: int) -> dict:
-    """Samples -> the batch dict of docs/interfaces.md (right padding; indices as [b, t] pairs).
+    """Samples -> the batch dict (right padding; indices as [b, t] pairs; docs/design.md §7).
 
     Cache-only keys appear when the samples carry teacher targets. Empty sets (no response rows,
     no image, no relation) are tensors with a zero first dimension; `pixel_values` is None when no
     sample has an image.
     """
-    B = len(batch)
-    lengths = [len(s["input_ids"]) for s in batch]
-    input_ids = torch.full((B, max(lengths, default=0)), int(pad_id), dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    for b, s in enumerate(batch):
-        input_ids[b, : lengths[b]] = s["input_ids"]
-        attention_mask[b, : lengths[b]] = 1
-
+    input_ids, attention_mask = pad_sequences([s["input_ids"] for s in batch], pad_id)
     response_index = _row_index([s["response_rows"] for s in batch])                    # (N_r, 2)
     with_image = [b for b, s in enumerate(batch) if s["pixel_values"] is not None]
     out = {
@@ -232,7 +212,7 @@ def _row_index(rows: list[torch.Tensor]) -> torch.Tensor:
 
 
 def make_loader(dataset: Dataset, sampler, *, batch_size: int, num_workers: int, pad_id: int) -> DataLoader:
-    """A DataLoader in the sampler's order; workers persist across epochs when num_workers > 0.
+    """A DataLoader over one epoch in the sampler's order; workers persist across epochs when num_workers > 0.
 
     `batch_size` is the per-device micro-batch; it should divide the sampler's per-rank step so
     that no micro-batch straddles two optimizer steps.
@@ -242,21 +222,51 @@ def make_loader(dataset: Dataset, sampler, *, batch_size: int, num_workers: int,
                       pin_memory=torch.cuda.is_available(), drop_last=False)
 
 
+class StatefulLoader:
+    """Micro-batches in a `ResumableSampler`'s order, epoch after epoch, counting what was consumed.
+
+    The count is taken as batches are handed to the caller, not as the DataLoader's workers
+    prefetch them (as mosaicml's StreamingDataLoader and torchdata's StatefulDataLoader do), so
+    `state_dict()` after the last micro-batch of an optimizer step is exactly where a resumed run
+    starts, and the training loop keeps no data bookkeeping. Every rank yields in lockstep, so one
+    micro-batch here is `len(batch) * world_size` samples of the global order.
+    """
+
+    def __init__(self, dataset: Dataset, sampler, *, batch_size: int, num_workers: int, pad_id: int):
+        self.sampler = sampler
+        self.loader = make_loader(dataset, sampler, batch_size=batch_size, num_workers=num_workers, pad_id=pad_id)
+        self._batches = None
+
+    def __iter__(self) -> StatefulLoader:
+        return self
+
+    def __next__(self) -> dict:
+        if self._batches is None:
+            self._batches = iter(self.loader)
+        try:
+            batch = next(self._batches)
+        except StopIteration:                 # end of the epoch: the next one, reshuffled
+            self.sampler.set_epoch(self.sampler.epoch + 1)
+            self._batches = iter(self.loader)
+            batch = next(self._batches)
+        self.sampler.advance(len(batch["sample_id"]) * self.sampler.world_size)
+        return batch
+
+    def state_dict(self) -> dict[str, int]:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from `state` (before the first batch is drawn)."""
+        self.sampler.load_state_dict(state)
+        self._batches = None
+
+
 # --- helpers
 
 
-def _tensor(array, dtype) -> torch.Tensor:
-    """A reader array (a writable numpy copy, already of `dtype`) as a tensor, without another copy."""
-    return torch.from_numpy(np.asarray(array, dtype=dtype))
-
-
-def _check_rows(sample: dict, cache: str) -> None:
-    """The reader checks the top-k / relation shapes and the visual span against each row; the
-    response rows must also fit (row t predicts token t + 1), or the labels would read padding."""
-    rows, T = sample["response_rows"], len(sample["input_ids"])
-    if len(rows) and (int(rows.min()) < 0 or int(rows.max()) >= T - 1):
-        raise CacheError(f"cache {cache}: sample {sample['sample_id']!r}: response_rows outside [0, {T - 1}) "
-                         f"for a sequence of {T} tokens")
+def _as_tensor(value):
+    """A reader array (a writable numpy copy) as a tensor without another copy; scalars, strings and None as they are."""
+    return torch.from_numpy(value) if isinstance(value, np.ndarray) else value
 
 
 def _external_images(manifest: dict, images, cache: str) -> tuple[Path, dict[str, str]]:

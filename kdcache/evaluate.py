@@ -15,6 +15,7 @@ import torch
 from tqdm import tqdm
 
 from kdcache import models, samples, templates
+from kdcache.batches import pad_sequences
 
 
 @dataclass(frozen=True)
@@ -38,9 +39,7 @@ def questions_of(records: list[samples.Record], images_dir: Path | None, bundle:
     image_token_id = bundle.model.config.image_token_id
     out = []
     for record in records:
-        image = None
-        if record.image is not None:
-            image = samples.decode_image(samples.read_image_bytes(images_dir, record), record.sample_id)
+        image = samples.load_image(images_dir, record)[1] if record.image is not None else None
         turns = record.conversations
         for i in range(1, len(turns), 2):
             prompt = templates.build_prompt(turns[: i - 1], turns[i - 1]["value"], bundle.tokenizer,
@@ -61,12 +60,8 @@ def generate_answers(bundle: models.Bundle, questions: list[Question], *, max_ne
     answers = []
     for start in tqdm(range(0, len(questions), batch_size), desc="eval", unit="batch", disable=not progress):
         batch = questions[start: start + batch_size]
-        width = max(len(q.prompt) for q in batch)
-        input_ids = torch.full((len(batch), width), tok.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros_like(input_ids)
-        for b, q in enumerate(batch):
-            input_ids[b, width - len(q.prompt):] = torch.tensor(q.prompt)
-            attention_mask[b, width - len(q.prompt):] = 1
+        input_ids, attention_mask = pad_sequences([q.prompt for q in batch], tok.pad_token_id, side="left")
+        width = input_ids.shape[1]
         images = [q.image for q in batch if q.image is not None]
         pixels = samples.pixel_values(images, bundle.image_processor).to(device) if images else None
         generated = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),

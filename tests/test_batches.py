@@ -1,4 +1,4 @@
-"""Datasets, collate and DataLoader: the batch dict of docs/interfaces.md, from hand samples and caches."""
+"""Datasets, collate and DataLoader: the batch dict of docs/design.md §7, from hand samples and caches."""
 
 import hashlib
 import json
@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from kdcache import models, samples
-from kdcache.batches import CacheDataset, JsonDataset, collate, make_loader
+from kdcache.batches import CacheDataset, JsonDataset, StatefulLoader, collate, make_loader, pad_sequences
 from kdcache.errors import SampleError
 from kdcache.sampler import ResumableSampler
-from kdcache.shards import CacheReader, ShardWriter, finalize_cache, write_rank_report
+from kdcache.reader import CacheReader
+from kdcache.writer import ShardWriter, finalize_cache, write_rank_report
 
 PAD = 0
 S = 4            # image side of the hand samples
@@ -206,7 +207,7 @@ def test_cache_dataset_pickles_without_its_open_reader(small_cache, processor):
     dataset = CacheDataset(CacheReader(cache), processor)
     dataset[0]
     clone = pickle.loads(pickle.dumps(dataset))
-    assert clone._reader is None
+    assert len(clone.reader._open) == 0              # the reader travels without its open shards
     assert torch.equal(clone[4]["input_ids"], dataset[4]["input_ids"])
 
 
@@ -237,15 +238,56 @@ def test_a_loader_with_two_workers_yields_the_same_batches_as_no_workers(small_c
     assert runs[0][0]["response_topk_logprobs"].dtype == torch.float32
 
 
+def epoch_batches(dataset, *, seed: int, epoch: int = 0, samples_seen: int = 0) -> list[dict]:
+    """The batches of 2 of one epoch (from `samples_seen` on) through a plain one-epoch loader."""
+    sampler = ResumableSampler(dataset.shard_sizes, seed=seed, batch_size=2)
+    sampler.load_state_dict({"epoch": epoch, "samples_seen": samples_seen})
+    return batches_of(make_loader(dataset, sampler, batch_size=2, num_workers=0, pad_id=PAD))
+
+
 def test_a_loader_resumes_mid_epoch_at_the_next_unseen_batch(small_cache, processor):
     cache, _ = small_cache
     dataset = CacheDataset(CacheReader(cache), processor)
-    full = batches_of(make_loader(dataset, ResumableSampler(dataset.shard_sizes, seed=2, batch_size=2),
-                                  batch_size=2, num_workers=0, pad_id=PAD))
-    sampler = ResumableSampler(dataset.shard_sizes, seed=2, batch_size=2)
-    sampler.load_state_dict({"epoch": 0, "samples_seen": 4})
-    resumed = batches_of(make_loader(dataset, sampler, batch_size=2, num_workers=0, pad_id=PAD))
-    assert_same_batches(full[2:], resumed)
+    assert_same_batches(epoch_batches(dataset, seed=2)[2:], epoch_batches(dataset, seed=2, samples_seen=4))
+
+
+def test_a_stateful_loader_counts_what_it_yielded_and_rolls_into_the_next_epoch(small_cache, processor):
+    cache, _ = small_cache
+    dataset = CacheDataset(CacheReader(cache), processor)
+    epoch0, epoch1 = epoch_batches(dataset, seed=3), epoch_batches(dataset, seed=3, epoch=1)
+    loader = StatefulLoader(dataset, ResumableSampler(dataset.shard_sizes, seed=3, batch_size=2), batch_size=2,
+                            num_workers=0, pad_id=PAD)
+    got = [next(loader) for _ in range(len(epoch0) + 1)]
+    assert_same_batches(got, epoch0 + epoch1[:1])               # 7 samples, batch 2: 3 batches an epoch
+    assert loader.state_dict() == {"epoch": 1, "samples_seen": 2}
+
+
+def test_a_stateful_loader_resumed_from_its_state_continues_the_same_sequence(small_cache, processor):
+    cache, _ = small_cache
+    dataset = CacheDataset(CacheReader(cache), processor)
+
+    def loader():
+        return StatefulLoader(dataset, ResumableSampler(dataset.shard_sizes, seed=4, batch_size=2), batch_size=2,
+                              num_workers=0, pad_id=PAD)
+
+    whole = loader()
+    expected = [next(whole) for _ in range(5)]
+    first = loader()
+    got = [next(first) for _ in range(2)]
+    state = first.state_dict()
+    resumed = loader()
+    resumed.load_state_dict(state)
+    got += [next(resumed) for _ in range(3)]
+    assert_same_batches(got, expected)
+
+
+def test_pad_sequences_pads_right_for_training_and_left_for_generation():
+    ids, mask = pad_sequences([[5, 6, 7], torch.tensor([8])], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [8, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    ids, mask = pad_sequences([[5, 6, 7], [8]], pad_id=0, side="left")
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert ids.dtype == mask.dtype == torch.long
+    assert pad_sequences([], pad_id=0)[0].shape == (0, 0)
 
 
 def test_a_cache_without_embedded_images_reads_them_from_the_dataset_folder(tmp_path, toy_images, processor):
