@@ -1,4 +1,4 @@
-"""Can this student learn from this cache? Refuse mismatches before any step is taken (DESIGN §8)."""
+"""Can this student learn from this cache? Refuse mismatches before any step is taken (docs/design.md §8)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """What the student optimises: CE, sparse forward KL against cached top-k targets, relation cosine.
 
 Pure torch, float32 inside (half/bf16 inputs are upcast; autocast is switched off around the
-LM head). The LLaVA-KD objective (arXiv 2410.16236, DESIGN section 5):
+LM head). The LLaVA-KD objective (arXiv 2410.16236, docs/design.md §5):
 
     L = L_reg + alpha L_res + beta L_vis + gamma L_rel
 
@@ -323,7 +323,7 @@ def distill_loss(hidden: Tensor, lm_head_weight: Tensor, batch: dict, *, alpha: 
     """The LLaVA-KD loss of one batch: `L = L_reg + alpha L_res + beta L_vis + gamma L_rel`.
 
     hidden (B, T, D) final (post-norm) student hidden states, any float dtype; lm_head_weight
-    (V, D); batch: the collate dict of docs/interfaces.md, CE-only without `response_topk_ids`.
+    (V, D); batch: the collate dict of docs/design.md §7, CE-only without `response_topk_ids`.
     `gram` = WᵀW may be passed when W is frozen; otherwise it is computed here, with grad.
 
     loss_norm="token" averages CE and each KL over all rows of the batch; "sample" averages
@@ -338,11 +338,11 @@ def distill_loss(hidden: Tensor, lm_head_weight: Tensor, batch: dict, *, alpha: 
         raise ValueError(f"tail must be in {TAILS} and loss_norm in {LOSS_NORMS}, got {tail!r}, {loss_norm!r}")
     batch_size = hidden.shape[0]
     zero = torch.zeros((), dtype=torch.float32, device=hidden.device)
-    distil = "response_topk_ids" in batch
+    distill = "response_topk_ids" in batch
     terms = {"ce": zero, "kl_response": zero, "kl_visual": zero, "relation": zero}
 
     r_index = batch["response_index"]                                        # (N_r, 2) [b, t]
-    with_kl = distil and alpha != 0
+    with_kl = distill and alpha != 0
     ce, kl = row_losses(hidden[r_index[:, 0], r_index[:, 1]], lm_head_weight, labels=batch["response_labels"],
                         topk_ids=batch["response_topk_ids"] if with_kl else None,
                         topk_logprobs=batch["response_topk_logprobs"] if with_kl else None,
@@ -350,14 +350,14 @@ def distill_loss(hidden: Tensor, lm_head_weight: Tensor, batch: dict, *, alpha: 
     terms["ce"] = _reduce(ce, r_index[:, 0], loss_norm, batch_size)
     if with_kl:
         terms["kl_response"] = _reduce(kl, r_index[:, 0], loss_norm, batch_size)
-    if distil and beta != 0:
+    if distill and beta != 0:
         v_index = batch["visual_index"]                                      # (N_v, 2) [b, t]
         _, kl = row_losses(hidden[v_index[:, 0], v_index[:, 1]], lm_head_weight,
                            topk_ids=batch["visual_topk_ids"], topk_logprobs=batch["visual_topk_logprobs"],
                            temperature=temperature_visual, tail=tail, chunk_rows=chunk_rows)
         terms["kl_visual"] = _reduce(kl, v_index[:, 0], loss_norm, batch_size)
     relation_index = batch.get("relation_index")                             # (S,) or absent
-    if distil and gamma != 0 and relation_index is not None and relation_index.numel() > 0:
+    if distill and gamma != 0 and relation_index is not None and relation_index.numel() > 0:
         terms["relation"] = _relation_term(hidden, lm_head_weight, batch, gram)
 
     loss = terms["ce"] + alpha * terms["kl_response"] + beta * terms["kl_visual"] + gamma * terms["relation"]

@@ -6,7 +6,7 @@ was killed in. Shuffling is two-level, as in mosaicml/streaming: shards are shuf
 rows of each window of `window` consecutive shards are shuffled together, so a reader only keeps
 ~`window` shards hot at a time while the order still mixes samples across shards.
 
-Split across ranks (DESIGN §7, equal counts per rank). With `G = world_size * batch_size` samples
+Split across ranks (docs/design.md §7, equal counts per rank). With `G = world_size * batch_size` samples
 per optimizer step, the global order is cut into steps of G; rank r takes positions r::world_size
 of every step, i.e. positions r, r + W, r + 2W, ... of the global order. The union of the ranks'
 samples in a step is therefore exactly the step of a single process with the same global batch,

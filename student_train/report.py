@@ -1,11 +1,48 @@
-"""RUN/loss.png: the loss components of metrics.jsonl against step."""
+"""What a training run reports: RUN/metrics.jsonl (one line per optimizer step) and RUN/loss.png."""
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 COMPONENTS = ("loss", "ce", "kl_response", "kl_visual", "relation")
+
+
+class MetricsLog:
+    """RUN/metrics.jsonl, appended one JSON line per logged optimizer step (rank 0 only).
+
+    Opened at `step` (0, or the checkpoint a run resumes from), it first drops the lines a killed
+    run wrote after that step, so a resumed run never has two lines for one step. `samples_per_step`
+    (global) gives the throughput since the run (re)started.
+    """
+
+    def __init__(self, path: Path, *, step: int, samples_per_step: int, enabled: bool = True):
+        self.path, self.samples_per_step, self.enabled = Path(path), samples_per_step, enabled
+        self.first_step, self.started = step, time.perf_counter()
+        self.file = None
+        if enabled:
+            if self.path.exists():
+                kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+                self.path.write_text("".join(line + "\n" for line in kept))
+            self.file = open(self.path, "a")
+
+    def rate(self, step: int) -> float:
+        """Samples per second (global) since the run (re)started."""
+        return (step - self.first_step) * self.samples_per_step / max(time.perf_counter() - self.started, 1e-9)
+
+    def write(self, step: int, losses: dict[str, float], *, lr: float, samples_seen: int) -> None:
+        if self.file is None:
+            return
+        record = {"step": step, **{k: round(v, 6) for k, v in losses.items()}, "lr": lr,
+                  "samples_seen": samples_seen, "samples_per_s": round(self.rate(step), 2)}
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
 
 
 def plot_metrics(metrics: Path, out: Path, *, title: str = "") -> Path | None:

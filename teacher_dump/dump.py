@@ -1,9 +1,12 @@
 """kdcache dump: run the teacher once, teacher-forced, and write its distillation targets to a cache.
 
-Reads top to bottom: setup -> data -> loop -> finalize. Under torchrun every rank takes the
-samples `i % world_size == rank`, writes its own shards, and rank 0 merges the manifest once all
-ranks are done. A killed dump is resumed by running the same command again: finished shards are
-kept, the samples in them are not dumped twice, partial shards are discarded.
+    dump(cfg) = setup (load the teacher, check or record the run) -> this rank's pending records
+              -> dump_records(teacher, records, cfg, writer) -> finalize (rank report, manifest)
+
+Under torchrun every rank takes the samples `i % world_size == rank`, writes its own shards, and
+rank 0 merges the manifest once all ranks are done. A killed dump is resumed by running the same
+command again: finished shards are kept, the samples in them are not dumped twice, partial shards
+are discarded (docs/design.md §4, §8).
 """
 
 from __future__ import annotations
@@ -20,11 +23,46 @@ from PIL import Image
 from tqdm import tqdm
 
 import kdcache
-from kdcache import distributed, models, samples, shards, targets, templates
+from kdcache import distributed, models, samples, schema, targets, templates
+from kdcache.batches import pad_sequences
 from kdcache.errors import KdcacheError, SampleError
+from kdcache.files import write_json_atomic
+from kdcache.writer import ShardWriter, completed_sample_ids, finalize_cache, write_rank_report
 from teacher_dump.config import DumpConfig
 
-RUN_FILE = "dump-config.json"   # in CACHE/_parts/: what a resumed dump must match
+# What a resumed dump must match: the manifest fields that decide the cache's content.
+RUN_KEYS = ("teacher", "tokenizer", "visual_len", "template", "max_length", "topk", "temperature",
+            "relation", "images_embedded", "dataset")
+
+
+@dataclass
+class Teacher:
+    """The loaded teacher, as the dump loop uses it."""
+
+    model: torch.nn.Module              # LlavaForConditionalGeneration, eval mode, on `device`
+    tokenizer: object
+    image_processor: object
+    lm_head: torch.Tensor               # (V, D) the output embedding, in the model's dtype
+    gram: torch.Tensor | None           # (D, D) float32 WᵀW, once per dump; None without relations
+    device: torch.device
+    dtype: torch.dtype
+
+    @classmethod
+    def from_bundle(cls, bundle: models.Bundle, *, device: torch.device, dtype: torch.dtype,
+                    relation: bool) -> Teacher:
+        model = bundle.model.to(device).eval()
+        lm_head = models.lm_head_weight(model)
+        with torch.no_grad():
+            gram = targets.gram_matrix(lm_head) if relation else None
+        return cls(model, bundle.tokenizer, bundle.image_processor, lm_head, gram, device, dtype)
+
+    @property
+    def visual_len(self) -> int:
+        return models.visual_len_of(self.model.config)
+
+    @property
+    def image_token_id(self) -> int:
+        return int(self.model.config.image_token_id)
 
 
 @dataclass
@@ -42,11 +80,69 @@ def dump(cfg: DumpConfig) -> dict | None:
     # --- setup
     topo = distributed.topology()
     distributed.init_process_group(topo, backend="gloo")   # coordination only: no tensors move
-    device = distributed.resolve_device(cfg.device, topo)
-    dtype = distributed.resolve_dtype(cfg.dtype, device)
     out = Path(cfg.out)
-    if (out / "manifest.json").exists():
-        raise KdcacheError(f"{out} already holds a finished cache (manifest.json); choose another --out")
+    refuse_used_out(out, cfg)
+    device = distributed.resolve_device(cfg.device, topo)
+    bundle, teacher = load_teacher(cfg, device, models.resolve_dtype(cfg.dtype, device))
+    run = run_description(cfg, bundle, teacher, topo.world_size)
+    out.mkdir(parents=True, exist_ok=True)
+    if topo.is_main:
+        check_or_record_run(out, run)
+    distributed.barrier()
+
+    # --- data: this rank's share of the samples that are not in a finished shard yet
+    done = completed_sample_ids(out)
+    records = [r for i, r in enumerate(samples.load_records(cfg.data)[: cfg.max_samples])
+               if i % topo.world_size == topo.rank and r.sample_id not in done]
+
+    # --- dump
+    desc = f"dump {out.name}" + (f" rank 0/{topo.world_size}" if topo.world_size > 1 else "")
+    with open_writer(cfg, topo.rank) as writer:
+        skipped = dump_records(teacher, records, cfg, writer, progress=cfg.progress and topo.is_main, desc=desc)
+
+    # --- finalize: every rank reports, then rank 0 writes the manifest, last
+    write_rank_report(out, topo.rank, skipped=skipped)
+    distributed.barrier()
+    manifest = finalize_cache(out, run) if topo.is_main else None
+    distributed.barrier()
+    distributed.destroy_process_group()
+    return manifest
+
+
+def dump_records(teacher: Teacher, records: list[samples.Record], cfg: DumpConfig, writer: ShardWriter, *,
+                 progress: bool | None = None, desc: str = "dump") -> list[dict]:
+    """Teacher targets of `records`, `cfg.batch_size` samples per forward, written to `writer`.
+
+    Returns the skipped samples `[{"sample_id", "reason"}]`: a bad sample raises SampleError naming
+    it, or with `cfg.skip_bad` is recorded and skipped. `progress` defaults to `cfg.progress`.
+    """
+    skipped: list[dict] = []
+    counted, tokens, started = 0, 0, time.perf_counter()
+    with tqdm(total=len(records), unit="sample", desc=desc,
+              disable=not (cfg.progress if progress is None else progress)) as bar:
+        for batch in batched(prepare_all(records, cfg, teacher, skipped), cfg.batch_size):
+            for sample in teacher_targets(batch, teacher, cfg):
+                writer.write(sample)
+            tokens += sum(len(p.sequence.input_ids) for p in batch)
+            bar.update(len(batch) + len(skipped) - counted)
+            counted = len(skipped)
+            bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - started, 1e-9):,.0f}", skipped=counted)
+    return skipped
+
+
+# --- setup
+
+
+def refuse_used_out(out: Path, cfg: DumpConfig) -> None:
+    """A finished cache is never overwritten; with --no-resume neither is a partial one."""
+    if (out / schema.MANIFEST_NAME).exists():
+        raise KdcacheError(f"{out} already holds a finished cache ({schema.MANIFEST_NAME}); choose another --out")
+    if not cfg.resume and out.exists() and any(out.iterdir()):
+        raise KdcacheError(f"{out} is not empty and --no-resume was given")
+
+
+def load_teacher(cfg: DumpConfig, device: torch.device, dtype: torch.dtype) -> tuple[models.Bundle, Teacher]:
+    """The teacher bundle (for provenance) and the loaded Teacher; refuses an untrained projector and a k above V."""
     bundle = models.load_bundle(cfg.teacher, dtype=dtype, revision=cfg.revision,
                                 trust_remote_code=cfg.trust_remote_code)
     if not bundle.projector_trained and not cfg.allow_untrained:
@@ -54,71 +150,28 @@ def dump(cfg: DumpConfig) -> dict | None:
             f"teacher {cfg.teacher!r} has an untrained projector (a freshly composed preset or a checkpoint "
             "never trained): train it with `kdcache train --stage pt` then `--stage sft`, "
             "or pass --allow-untrained to dump it anyway")
-    model = bundle.model.to(device).eval()
-    vocab_size = models.lm_head_weight(model).shape[0]
+    vocab_size = models.lm_head_weight(bundle.model).shape[0]
     if max(cfg.topk_response, cfg.topk_visual) > vocab_size:
         raise KdcacheError(f"top-k ({cfg.topk_response}, {cfg.topk_visual}) exceeds the teacher's vocabulary ({vocab_size})")
-    visual_len = models.visual_len_of(model.config)
-    run = run_description(cfg, bundle, visual_len, dtype, topo.world_size)
-    out.mkdir(parents=True, exist_ok=True)
-    if topo.is_main:
-        check_or_record_run(out, run)
-    distributed.barrier()
-
-    # --- data
-    records = samples.load_records(cfg.data)
-    if cfg.max_samples is not None:
-        records = records[: cfg.max_samples]
-    refuse_duplicate_ids(records, cfg.data)
-    done = shards.completed_sample_ids(out)
-    mine = [r for i, r in enumerate(records) if i % topo.world_size == topo.rank and r.sample_id not in done]
-
-    # --- loop
-    weight = models.lm_head_weight(model)                             # (V, D)
-    with torch.no_grad():
-        gram = targets.gram_matrix(weight) if cfg.relation else None  # (D, D) float32, once per run
-    skipped: list[dict] = []
-    bar = tqdm(total=len(mine), unit="sample", disable=not (cfg.progress and topo.is_main),
-               desc=f"dump {out.name}" + (f" rank 0/{topo.world_size}" if topo.world_size > 1 else ""))
-    tokens, started = 0, time.perf_counter()
-    writer = shards.ShardWriter(out, rank=topo.rank, k_response=cfg.topk_response, k_visual=cfg.topk_visual,
-                                shard_size_bytes=int(cfg.shard_size_mb * (1 << 20)))
-    with writer, bar:
-        for batch in batched(prepare_all(mine, cfg, bundle, visual_len, skipped), cfg.batch_size):
-            for sample in teacher_targets(batch, model, bundle, weight, gram, cfg, device, dtype):
-                writer.write(sample)
-            tokens += sum(len(p.sequence.input_ids) for p in batch)
-            bar.update(len(batch))
-            elapsed = max(time.perf_counter() - started, 1e-9)
-            bar.set_postfix(tok_s=f"{tokens / elapsed:,.0f}", skipped=len(skipped))
-
-    # --- finalize
-    shards.write_rank_report(out, topo.rank, skipped=skipped)
-    distributed.barrier()
-    manifest = shards.finalize_cache(out, run) if topo.is_main else None
-    distributed.barrier()
-    distributed.destroy_process_group()
-    return manifest
+    return bundle, Teacher.from_bundle(bundle, device=device, dtype=dtype, relation=cfg.relation)
 
 
-def run_description(cfg: DumpConfig, bundle: models.Bundle, visual_len: int, dtype: torch.dtype,
-                    world_size: int) -> dict:
-    """The manifest fields that describe how this cache was made (the shards module adds the rest)."""
-    config = bundle.model.config
-    processor = json.loads(bundle.image_processor.to_json_string())
+def run_description(cfg: DumpConfig, bundle: models.Bundle, teacher: Teacher, world_size: int) -> dict:
+    """The manifest fields that describe how this cache was made (`finalize_cache` adds the rest)."""
     return {
         "kdcache_version": kdcache.__version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "teacher": {"source": bundle.source, "revision": bundle.revision,
-                    "config_hash": models.config_hash(config), "dtype": str(dtype).removeprefix("torch.")},
-        "tokenizer": {"fingerprint": models.tokenizer_fingerprint(bundle.tokenizer),
-                      "class": type(bundle.tokenizer).__name__},
-        "vocab_size": int(models.lm_head_weight(bundle.model).shape[0]),
-        "image_token_id": int(config.image_token_id),
-        "pad_token_id": int(bundle.tokenizer.pad_token_id),
-        "eos_token_id": int(bundle.tokenizer.eos_token_id),
-        "visual_len": visual_len,
-        "image_processor": processor,
+                    "config_hash": models.config_hash(teacher.model.config),
+                    "dtype": str(teacher.dtype).removeprefix("torch.")},
+        "tokenizer": {"fingerprint": models.tokenizer_fingerprint(teacher.tokenizer),
+                      "class": type(teacher.tokenizer).__name__},
+        "vocab_size": int(teacher.lm_head.shape[0]),
+        "image_token_id": teacher.image_token_id,
+        "pad_token_id": int(teacher.tokenizer.pad_token_id),
+        "eos_token_id": int(teacher.tokenizer.eos_token_id),
+        "visual_len": teacher.visual_len,
+        "image_processor": json.loads(teacher.image_processor.to_json_string()),
         "template": cfg.template,
         "max_length": cfg.max_length,
         "topk": {"response": cfg.topk_response, "visual": cfg.topk_visual},
@@ -133,57 +186,49 @@ def run_description(cfg: DumpConfig, bundle: models.Bundle, visual_len: int, dty
 
 def check_or_record_run(out: Path, run: dict) -> None:
     """A resumed dump must be the same dump: same teacher, data, template, k and temperatures."""
-    keys = ("teacher", "tokenizer", "visual_len", "template", "max_length", "topk", "temperature",
-            "relation", "images_embedded", "dataset")
-    wanted = {k: run[k] for k in keys}
-    path = out / "_parts" / RUN_FILE
+    wanted = {k: run[k] for k in RUN_KEYS}
+    path = out / schema.PARTS_DIR / schema.RUN_FILE
     if path.exists():
         before = json.loads(path.read_text())
-        diff = sorted(k for k in keys if before.get(k) != wanted[k])
+        diff = sorted(k for k in RUN_KEYS if before.get(k) != wanted[k])
         if diff:
             raise KdcacheError(f"{out} holds a partial dump made with different settings ({', '.join(diff)}); "
                                "rerun with the same settings to resume it, or choose another --out")
         return
-    if any(out.glob("shard-*.arrow")):
+    if any(schema.parse_shard_name(p.name) for p in out.iterdir()):
         raise KdcacheError(f"{out} holds shards but no record of the dump that made them; choose another --out")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(wanted, indent=2, sort_keys=True))
-    tmp.replace(path)
+    write_json_atomic(path, wanted)
 
 
-def refuse_duplicate_ids(records: list[samples.Record], source: str) -> None:
-    seen: set[str] = set()
-    for r in records:
-        if r.sample_id in seen:
-            raise KdcacheError(f"{source}: sample id {r.sample_id!r} appears twice; ids must be unique")
-        seen.add(r.sample_id)
+def open_writer(cfg: DumpConfig, rank: int) -> ShardWriter:
+    """This rank's shard writer for `cfg.out` (a context manager: a failure discards the open shard)."""
+    return ShardWriter(cfg.out, rank=rank, k_response=cfg.topk_response, k_visual=cfg.topk_visual,
+                       shard_size_bytes=int(cfg.shard_size_mb * (1 << 20)))
 
 
-def prepare_all(records, cfg: DumpConfig, bundle: models.Bundle, visual_len: int, skipped: list[dict]):
+# --- samples -> teacher inputs
+
+
+def prepare_all(records, cfg: DumpConfig, teacher: Teacher, skipped: list[dict]):
     """Yield a Prepared per good record; bad ones raise, or with skip_bad are recorded and skipped."""
-    images_dir = Path(cfg.images) if cfg.images else None
     for record in records:
         try:
-            yield prepare(record, cfg, bundle, visual_len, images_dir)
+            yield prepare(record, cfg, teacher)
         except SampleError as e:
             if not cfg.skip_bad:
                 raise
             skipped.append({"sample_id": e.sample_id, "reason": e.reason})
 
 
-def prepare(record: samples.Record, cfg: DumpConfig, bundle: models.Bundle, visual_len: int,
-            images_dir: Path | None) -> Prepared:
+def prepare(record: samples.Record, cfg: DumpConfig, teacher: Teacher) -> Prepared:
     image_bytes = image = None
     if record.image is not None:
-        if images_dir is None:
-            raise SampleError(record.sample_id, f"has image {record.image!r} but no --images folder was given")
-        image_bytes = samples.read_image_bytes(images_dir, record)
-        image = samples.decode_image(image_bytes, record.sample_id)
+        image_bytes, image = samples.load_image(cfg.images, record)
     sequence = templates.build_sequence(
-        record.conversations, bundle.tokenizer, template=cfg.template,
-        image_token_id=bundle.model.config.image_token_id, visual_len=visual_len,
-        has_image=image is not None, sample_id=record.sample_id, max_length=cfg.max_length)
+        record.conversations, teacher.tokenizer, template=cfg.template, image_token_id=teacher.image_token_id,
+        visual_len=teacher.visual_len, has_image=image is not None, sample_id=record.sample_id,
+        max_length=cfg.max_length)
     return Prepared(record.sample_id, sequence, image_bytes, image)
 
 
@@ -198,49 +243,51 @@ def batched(items, size: int):
         yield batch
 
 
-def padded_inputs(batch: list[Prepared], bundle: models.Bundle):
-    """(input_ids, attention_mask) right-padded to the longest sequence, and the batch's pixel values (or None)."""
-    lengths = [len(p.sequence.input_ids) for p in batch]
-    input_ids = torch.full((len(batch), max(lengths)), bundle.tokenizer.pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    for b, p in enumerate(batch):
-        input_ids[b, : lengths[b]] = torch.tensor(p.sequence.input_ids)
-        attention_mask[b, : lengths[b]] = 1
+def model_inputs(batch: list[Prepared], teacher: Teacher) -> dict:
+    """The teacher's forward inputs: right-padded ids and mask (B, T), and the batch's pixel values (or None)."""
+    input_ids, attention_mask = pad_sequences([p.sequence.input_ids for p in batch], teacher.tokenizer.pad_token_id)
     images = [p.image for p in batch if p.image is not None]
-    return input_ids, attention_mask, samples.pixel_values(images, bundle.image_processor) if images else None
+    pixels = samples.pixel_values(images, teacher.image_processor) if images else None
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixels}
+
+
+# --- teacher forward -> shard records
 
 
 @torch.inference_mode()
-def teacher_targets(batch: list[Prepared], model, bundle: models.Bundle, weight: torch.Tensor,
-                    gram: torch.Tensor | None, cfg: DumpConfig, device: torch.device, dtype: torch.dtype):
+def teacher_targets(batch: list[Prepared], teacher: Teacher, cfg: DumpConfig):
     """One teacher forward over a padded batch; yields one shard record per sample."""
-    input_ids, attention_mask, pixels = padded_inputs(batch, bundle)
-    pixels = pixels.to(device, dtype) if pixels is not None else None
-    hidden = models.final_hidden_states(model, input_ids.to(device), attention_mask.to(device), pixels)  # (B, T, D)
-
-    response = [hidden[b, torch.tensor(p.sequence.response_rows, dtype=torch.long, device=device)]
+    inputs = model_inputs(batch, teacher)
+    pixels = inputs["pixel_values"]
+    hidden = models.final_hidden_states(teacher.model, inputs["input_ids"].to(teacher.device),
+                                        inputs["attention_mask"].to(teacher.device),
+                                        None if pixels is None else pixels.to(teacher.device, teacher.dtype))  # (B, T, D)
+    response = [hidden[b, torch.tensor(p.sequence.response_rows, dtype=torch.long, device=teacher.device)]
                 for b, p in enumerate(batch)]
     visual = [hidden[b, p.sequence.visual_start: p.sequence.visual_start + p.sequence.visual_len]
               for b, p in enumerate(batch)]
-    response_topk = split_topk(response, weight, cfg.topk_response, cfg.temperature_response, cfg.chunk_rows)
-    visual_topk = split_topk(visual, weight, cfg.topk_visual, cfg.temperature_visual, cfg.chunk_rows)
+    topk = {"response": split_topk(response, teacher.lm_head, cfg.topk_response, cfg.temperature_response,
+                                   cfg.chunk_rows),
+            "visual": split_topk(visual, teacher.lm_head, cfg.topk_visual, cfg.temperature_visual, cfg.chunk_rows)}
     for b, p in enumerate(batch):
         relation, norm = None, None
-        if gram is not None and p.sequence.visual_len > 0:
-            packed, norm = targets.normalized_relation(targets.relation_from_hidden(visual[b], gram))
+        if teacher.gram is not None and p.sequence.visual_len > 0:
+            packed, norm = targets.normalized_relation(targets.relation_from_hidden(visual[b], teacher.gram))
             relation = packed.cpu().numpy()
-        yield {
-            "sample_id": p.sample_id,
-            "input_ids": np.asarray(p.sequence.input_ids, dtype=np.int32),
-            "response_rows": np.asarray(p.sequence.response_rows, dtype=np.int32),
-            "visual_start": p.sequence.visual_start,
-            "visual_len": p.sequence.visual_len,
-            "image": p.image_bytes if cfg.embed_images else None,
-            "image_sha256": hashlib.sha256(p.image_bytes).digest() if p.image_bytes is not None else None,
-            "response_topk_ids": response_topk[b][0], "response_topk_logprobs": response_topk[b][1],
-            "visual_topk_ids": visual_topk[b][0], "visual_topk_logprobs": visual_topk[b][1],
-            "relation": relation, "relation_norm": norm,
+        record = {
+            schema.SAMPLE_ID: p.sample_id,
+            schema.INPUT_IDS: np.asarray(p.sequence.input_ids, dtype=np.int32),
+            schema.RESPONSE_ROWS: np.asarray(p.sequence.response_rows, dtype=np.int32),
+            schema.VISUAL_START: p.sequence.visual_start,
+            schema.VISUAL_LEN: p.sequence.visual_len,
+            schema.IMAGE: p.image_bytes if cfg.embed_images else None,
+            schema.IMAGE_SHA256: hashlib.sha256(p.image_bytes).digest() if p.image_bytes is not None else None,
+            schema.RELATION: relation,
+            schema.RELATION_NORM: norm,
         }
+        for role, (ids_column, logprobs_column) in schema.TOPK_COLUMNS.items():
+            record[ids_column], record[logprobs_column] = topk[role][b]
+        yield record
 
 
 def split_topk(rows: list[torch.Tensor], weight: torch.Tensor, k: int, temperature: float, chunk_rows: int):
