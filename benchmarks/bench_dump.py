@@ -2,9 +2,10 @@
 
 Part 1 runs the scaled teacher (benchmarks/common.py: Qwen1.5-4B proportions, 728 visual rows,
 ~200 response rows per sample) over the same batches twice per round: once as `model(**batch)`
-(full logits, nothing kept) and once as the dump does it (`teacher_dump.dump.teacher_targets`:
-image preprocessing, final hidden states, top-k of both roles, relation, then `ShardWriter.write`,
-shard close and `finalize_cache`). Rounds alternate the order; medians are reported.
+(full logits, nothing kept, inputs prepared beforehand) and once as the dump does it
+(`teacher_dump.dump.dump_records`: image decoding and tokenisation, image preprocessing, final
+hidden states, top-k of both roles, relation, then `ShardWriter.write`, shard close and
+`finalize_cache`). Rounds alternate the order; medians are reported.
 
 Part 2 times target extraction alone at LLaVA scale (V = 151,936, D = 2,560, 728 visual rows):
 top-k log-probs, the Gram relation `H G Hᵀ` with `G = WᵀW` precomputed, and the direct `Y Yᵀ`.
@@ -21,6 +22,7 @@ wall seconds are printed beside them. Last stdout line: one JSON object.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -36,9 +38,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-from kdcache import models, samples, shards, targets  # noqa: E402
+from kdcache import models, samples, targets, writer  # noqa: E402
 from teacher_dump import dump  # noqa: E402
-from teacher_dump.config import DumpConfig  # noqa: E402
 
 GOAL_DUMP_OVER_FORWARD = 1.15
 
@@ -71,67 +72,69 @@ class Clock:
         return lambda: setattr(module, attr, original)
 
 
-def forward_inputs(batch: list[dump.Prepared], bundle) -> dict:
-    """The tensors `teacher_targets` builds, built once here: padded ids, mask, preprocessed images."""
-    input_ids, attention_mask, pixel_values = dump.padded_inputs(batch, bundle)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
-
-
 def run_forward(model, inputs: list[dict]) -> None:
     with torch.inference_mode():
         for batch in inputs:
             model(**batch)
 
 
-def run_dump(batches, model, bundle, weight, gram, cfg: DumpConfig, run: dict, out: Path) -> dict:
-    """The loop of `teacher_dump.dump.dump` (forward -> targets -> ShardWriter), then rank report + manifest."""
-    writer = shards.ShardWriter(out, rank=0, k_response=cfg.topk_response, k_visual=cfg.topk_visual,
-                                shard_size_bytes=int(cfg.shard_size_mb * (1 << 20)))
-    with writer:
-        for batch in batches:
-            for sample in dump.teacher_targets(batch, model, bundle, weight, gram, cfg, torch.device("cpu"),
-                                               torch.float32):
-                writer.write(sample)
-    shards.write_rank_report(out, 0, skipped=[])
-    return shards.finalize_cache(out, run)
+def run_dump(teacher: dump.Teacher, records: list, cfg, run: dict, out: Path) -> dict:
+    """The dump's own loop (`dump_records`: prepare -> teacher_targets -> ShardWriter), then rank report + manifest."""
+    return common.write_cache(teacher, records, dataclasses.replace(cfg, out=str(out)), run)
 
 
-def measure_dump_vs_forward(args, work: Path) -> dict:
+@dataclasses.dataclass
+class DumpInputs:
+    """Everything both timed paths need, built before any timing."""
+    teacher: dump.Teacher
+    cfg: object
+    run: dict
+    records: list
+    prepared: list                  # dump.prepare of every record (for the bare forward and the row counts)
+    inputs: list[dict]              # model_inputs per batch: what `model(**batch)` gets
+    gram_cpu: float                 # CPU s of Teacher.from_bundle (G = WᵀW), once per dump
+    prepare_cpu: float              # CPU s of dump.prepare over all records
+
+
+def prepare_dump_inputs(args, work: Path) -> DumpInputs:
     bundle = common.teacher_bundle()
-    model = bundle.model.eval()
     data = common.make_dataset(work / "data", args.samples)
-    cfg = DumpConfig(teacher="bench-teacher", data=str(data), out=str(work / "cache"), images=str(work / "data" / "images"),
-                     batch_size=args.batch_size, device="cpu", dtype="float32", progress=False, allow_untrained=True)
-    visual_len = models.visual_len_of(model.config)
-    run = dump.run_description(cfg, bundle, visual_len, torch.float32, 1)
+    cfg = common.dump_config(data, work / "cache", batch_size=args.batch_size)
+    start = time.process_time()
+    teacher = dump.Teacher.from_bundle(bundle, device=torch.device("cpu"), dtype=torch.float32, relation=True)
+    gram_cpu = time.process_time() - start                              # G = WᵀW, once per dump
+    run = dump.run_description(cfg, bundle, teacher, world_size=1)
+    records = samples.load_records(data)
 
     start = time.process_time()
-    prepared = [dump.prepare(r, cfg, bundle, visual_len, Path(cfg.images)) for r in samples.load_records(data)]
+    prepared = [dump.prepare(r, cfg, teacher) for r in records]
     prepare_cpu = time.process_time() - start
-    batches = list(dump.batched(prepared, cfg.batch_size))
-    inputs = [forward_inputs(batch, bundle) for batch in batches]
-    tokens = sum(len(p.sequence.input_ids) for p in prepared)
-    rows = {"response": sum(len(p.sequence.response_rows) for p in prepared) / len(prepared),
-            "visual": sum(p.sequence.visual_len for p in prepared) / len(prepared)}
-    weight = models.lm_head_weight(model)
-    start = time.process_time()
-    with torch.no_grad():
-        gram = targets.gram_matrix(weight)                                # (D, D), once per dump
-    gram_cpu = time.process_time() - start
+    inputs = [dump.model_inputs(batch, teacher) for batch in dump.batched(prepared, cfg.batch_size)]
+    return DumpInputs(teacher, cfg, run, records, prepared, inputs, gram_cpu, prepare_cpu)
 
+
+def wrap_dump_stages(clock: Clock) -> list:
+    """Time the dump's stages by wrapping the functions it calls; returns the undo callables."""
+    return [clock.wrap(dump, "prepare", "prepare (read, decode, tokenise)"),
+            clock.wrap(models, "final_hidden_states", "teacher forward (hidden states)"),
+            clock.wrap(targets, "topk_logprobs", "top-k log-probs (both roles)"),
+            clock.wrap(targets, "relation_from_hidden", "relation H G H^T"),
+            clock.wrap(targets, "normalized_relation", "relation normalise + pack"),
+            clock.wrap(samples, "pixel_values", "image preprocessing"),
+            clock.wrap(writer.ShardWriter, "write", "ShardWriter.write (check, buffer, compress)"),
+            clock.wrap(writer.ShardWriter, "close", "shard close (flush, sha256, rename)"),
+            clock.wrap(writer, "finalize_cache", "finalize_cache (manifest)")]
+
+
+def time_rounds(args, d: DumpInputs, work: Path) -> tuple[dict, dict, Clock, dict]:
+    """Warm-up, then `args.rounds` rounds of forward and dump, alternating their order: (fwd, dmp, clock, manifest)."""
+    model = d.teacher.model
     # warm-up: one batch each (allocator, oneDNN kernels)
-    run_forward(model, inputs[:1])
-    run_dump(batches[:1], model, bundle, weight, gram, cfg, run, work / "warmup")
+    run_forward(model, d.inputs[:1])
+    run_dump(d.teacher, d.records[: d.cfg.batch_size], d.cfg, d.run, work / "warmup")
 
     clock = Clock()
-    restore = [clock.wrap(models, "final_hidden_states", "teacher forward (hidden states)"),
-               clock.wrap(targets, "topk_logprobs", "top-k log-probs (both roles)"),
-               clock.wrap(targets, "relation_from_hidden", "relation H G H^T"),
-               clock.wrap(targets, "normalized_relation", "relation normalise + pack"),
-               clock.wrap(samples, "pixel_values", "image preprocessing"),
-               clock.wrap(shards.ShardWriter, "write", "ShardWriter.write (check, buffer, compress)"),
-               clock.wrap(shards.ShardWriter, "close", "shard close (flush, sha256, rename)"),
-               clock.wrap(shards, "finalize_cache", "finalize_cache (manifest)")]
+    restore = wrap_dump_stages(clock)
     fwd = {"cpu": [], "wall": []}
     dmp = {"cpu": [], "wall": []}
     manifest = None
@@ -141,35 +144,48 @@ def measure_dump_vs_forward(args, work: Path) -> dict:
             for what in order:
                 c, w = time.process_time(), time.perf_counter()
                 if what == "forward":
-                    run_forward(model, inputs)
+                    run_forward(model, d.inputs)
                     target = fwd
                 else:
-                    manifest = run_dump(batches, model, bundle, weight, gram, cfg, run, work / f"cache-{r}")
+                    manifest = run_dump(d.teacher, d.records, d.cfg, d.run, work / f"cache-{r}")
                     target = dmp
                 target["cpu"].append(time.process_time() - c)
                 target["wall"].append(time.perf_counter() - w)
     finally:
         for undo in restore:
             undo()
+    return fwd, dmp, clock, manifest
 
+
+def dump_summary(args, d: DumpInputs, fwd: dict, dmp: dict, stage_cpu: dict[str, float], manifest: dict) -> dict:
+    prepared = d.prepared
     n = len(prepared)
+    tokens = sum(len(p.sequence.input_ids) for p in prepared)
+    rows = {"response": sum(len(p.sequence.response_rows) for p in prepared) / n,
+            "visual": sum(p.sequence.visual_len for p in prepared) / n}
     fwd_cpu, dmp_cpu = statistics.median(fwd["cpu"]), statistics.median(dmp["cpu"])
     fwd_wall, dmp_wall = statistics.median(fwd["wall"]), statistics.median(dmp["wall"])
-    breakdown = {name: sec / args.rounds for name, sec in clock.cpu.items()}           # mean per round
+    breakdown = {name: sec / args.rounds for name, sec in stage_cpu.items()}           # mean per round
     breakdown["other (padding, row gathers, numpy, Python)"] = statistics.mean(dmp["cpu"]) - sum(breakdown.values())
     stats = manifest["stats"]
     return {
-        "samples": n, "batch_size": cfg.batch_size, "rounds": args.rounds, "tokens": tokens,
+        "samples": n, "batch_size": d.cfg.batch_size, "rounds": args.rounds, "tokens": tokens,
         "rows_per_sample": rows, "mean_seq_len": tokens / n,
         "forward_cpu_s": fwd["cpu"], "dump_cpu_s": dmp["cpu"], "forward_wall_s": fwd["wall"], "dump_wall_s": dmp["wall"],
         "forward_samples_per_cpu_s": n / fwd_cpu, "dump_samples_per_cpu_s": n / dmp_cpu,
         "forward_tokens_per_cpu_s": tokens / fwd_cpu, "dump_tokens_per_cpu_s": tokens / dmp_cpu,
         "forward_samples_per_wall_s": n / fwd_wall, "dump_samples_per_wall_s": n / dmp_wall,
         "dump_over_forward": dmp_cpu / fwd_cpu, "dump_over_forward_wall": dmp_wall / fwd_wall,
-        "breakdown_cpu_s": breakdown, "prepare_cpu_s_per_sample": prepare_cpu / n, "gram_cpu_s": gram_cpu,
+        "breakdown_cpu_s": breakdown, "prepare_cpu_s_per_sample": d.prepare_cpu / n, "gram_cpu_s": d.gram_cpu,
         "cache_bytes_per_sample": stats["bytes_per_sample"], "cache_bytes_per_token": stats["bytes_per_token"],
         "mean_tail_mass": stats["mean_tail_mass"],
     }
+
+
+def measure_dump_vs_forward(args, work: Path) -> dict:
+    d = prepare_dump_inputs(args, work)
+    fwd, dmp, clock, manifest = time_rounds(args, d, work)
+    return dump_summary(args, d, fwd, dmp, clock.cpu, manifest)
 
 
 # --- part 2: extraction alone at LLaVA scale
@@ -219,7 +235,7 @@ def measure_llava_scale(args) -> dict:
 # --- report
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=2)
@@ -227,16 +243,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--gram-rows", type=int, default=32768, help="vocabulary rows G is timed on (scaled to V)")
     parser.add_argument("--skip-llava-scale", action="store_true")
-    args = parser.parse_args()
-    common.set_threads(args.threads)
-    started = time.perf_counter()
-    info = common.machine()
+    return parser.parse_args()
 
-    common.print_table("Configurations (real vs scaled; head : body in matmul FLOPs per token)",
-                       common.CONFIG_HEADER, common.config_rows(980))
-    with tempfile.TemporaryDirectory(prefix="kdcache-bench-dump-") as tmp:
-        part1 = measure_dump_vs_forward(args, Path(tmp))
-    n, tok = part1["samples"], part1["tokens"]
+
+def print_dump_tables(part1: dict, args) -> None:
+    n = part1["samples"]
     common.print_table(
         f"Dump vs bare forward, scaled teacher, {n} samples x {part1['mean_seq_len']:.0f} tokens "
         f"({part1['rows_per_sample']['visual']:.0f} visual + {part1['rows_per_sample']['response']:.0f} response rows), "
@@ -253,33 +264,33 @@ def main() -> None:
     dump_cpu = statistics.median(part1["dump_cpu_s"])
     common.print_table("Where the dump's CPU time goes (per round)", ["stage", "CPU s", "share"],
                        [[k, common.fmt(v, 3), f"{100 * v / dump_cpu:.1f}%"] for k, v in part1["breakdown_cpu_s"].items()])
-    print(f"\nnot in the timed dump: prepare (decode + tokenise) {part1['prepare_cpu_s_per_sample'] * 1e3:.1f} ms/sample; "
+    print(f"\nprepare (decode + tokenise, in the timed dump) {part1['prepare_cpu_s_per_sample'] * 1e3:.1f} ms/sample; not in it: "
           f"G = WᵀW once per dump {part1['gram_cpu_s'] * 1e3:.0f} ms; cache {part1['cache_bytes_per_sample'] / 1e3:.0f} kB/sample, "
           f"{part1['cache_bytes_per_token']:.0f} B/token; mean tail mass {part1['mean_tail_mass']}")
 
-    part2 = None
-    if not args.skip_llava_scale:
-        part2 = measure_llava_scale(args)
-        g = part2
-        common.print_table(
-            f"Target extraction alone at LLaVA scale (V = {g['V']:,}, D = {g['D']:,}, {g['visual_rows']} visual rows, "
-            f"float32, {args.threads} thread(s))",
-            ["operation", "CPU s", "wall s", "note"],
-            [["top-k log-probs, k = 64 (728 rows)", common.fmt(g["topk_cpu_s"], 2), common.fmt(g["topk_wall_s"], 2),
-              f"{g['topk_cpu_ms_per_row']:.1f} ms per row"],
-             ["relation H G Hᵀ (G precomputed)", common.fmt(g["gram_relation_cpu_s"], 3), common.fmt(g["gram_relation_wall_s"], 3),
-              "best of 3"],
-             ["H G Hᵀ + normalise, pack, float16", common.fmt(g["relation_pack_cpu_s"], 3), "", "one run"],
-             ["relation Y Yᵀ direct", common.fmt(g["direct_relation_cpu_s"], 2), common.fmt(g["direct_relation_wall_s"], 2),
-              f"{g['direct_over_gram_relation']:.0f}x the Gram form"],
-             ["G = WᵀW, one-off per dump", common.fmt(g["gram_cpu_s_full_vocab"], 2), "",
-              (f"timed on {g['gram_rows_timed']:,} rows ({g['gram_cpu_s_measured']:.2f} s), x V/rows"
-               if g["gram_extrapolated"] else "timed on all rows") +
-              f"; pays for itself after {g['gram_breakeven_samples']:.1f} samples"],
-             ["|H G Hᵀ - Y Yᵀ|_F / |Y Yᵀ|_F", f"{g['gram_vs_direct_rel_frobenius_error']:.1e}", "", "float32 vs float64 Y Yᵀ"]])
 
+def print_llava_scale_table(g: dict, args) -> None:
+    common.print_table(
+        f"Target extraction alone at LLaVA scale (V = {g['V']:,}, D = {g['D']:,}, {g['visual_rows']} visual rows, "
+        f"float32, {args.threads} thread(s))",
+        ["operation", "CPU s", "wall s", "note"],
+        [["top-k log-probs, k = 64 (728 rows)", common.fmt(g["topk_cpu_s"], 2), common.fmt(g["topk_wall_s"], 2),
+          f"{g['topk_cpu_ms_per_row']:.1f} ms per row"],
+         ["relation H G Hᵀ (G precomputed)", common.fmt(g["gram_relation_cpu_s"], 3), common.fmt(g["gram_relation_wall_s"], 3),
+          "best of 3"],
+         ["H G Hᵀ + normalise, pack, float16", common.fmt(g["relation_pack_cpu_s"], 3), "", "one run"],
+         ["relation Y Yᵀ direct", common.fmt(g["direct_relation_cpu_s"], 2), common.fmt(g["direct_relation_wall_s"], 2),
+          f"{g['direct_over_gram_relation']:.0f}x the Gram form"],
+         ["G = WᵀW, one-off per dump", common.fmt(g["gram_cpu_s_full_vocab"], 2), "",
+          (f"timed on {g['gram_rows_timed']:,} rows ({g['gram_cpu_s_measured']:.2f} s), x V/rows"
+           if g["gram_extrapolated"] else "timed on all rows") +
+          f"; pays for itself after {g['gram_breakeven_samples']:.1f} samples"],
+         ["|H G Hᵀ - Y Yᵀ|_F / |Y Yᵀ|_F", f"{g['gram_vs_direct_rel_frobenius_error']:.1e}", "", "float32 vs float64 Y Yᵀ"]])
+
+
+def result_json(args, info: dict, part1: dict, part2: dict | None, started: float) -> dict:
     goal_met = part1["dump_over_forward"] <= GOAL_DUMP_OVER_FORWARD
-    result = {
+    return {
         "benchmark": "bench_dump", **info, "threads": args.threads, "load_avg_1m_end": round(os.getloadavg()[0], 2),
         "dump_over_forward": round(part1["dump_over_forward"], 4),
         "dump_over_forward_goal": GOAL_DUMP_OVER_FORWARD, "dump_over_forward_goal_met": goal_met,
@@ -296,7 +307,25 @@ def main() -> None:
         "llava_scale": None if part2 is None else common.rounded(part2),
         "elapsed_wall_s": round(time.perf_counter() - started, 1),
     }
-    print(json.dumps(result))
+
+
+def main() -> None:
+    args = parse_args()
+    common.set_threads(args.threads)
+    started = time.perf_counter()
+    info = common.machine()
+
+    common.print_table("Configurations (real vs scaled; head : body in matmul FLOPs per token)",
+                       common.CONFIG_HEADER, common.config_rows(980))
+    with tempfile.TemporaryDirectory(prefix="kdcache-bench-dump-") as tmp:
+        part1 = measure_dump_vs_forward(args, Path(tmp))
+    print_dump_tables(part1, args)
+
+    part2 = None
+    if not args.skip_llava_scale:
+        part2 = measure_llava_scale(args)
+        print_llava_scale_table(part2, args)
+    print(json.dumps(result_json(args, info, part1, part2, started)))
 
 
 if __name__ == "__main__":

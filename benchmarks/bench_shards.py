@@ -33,12 +33,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-from kdcache import schema, shards  # noqa: E402
+from kdcache import schema, writer  # noqa: E402
 from kdcache.batches import CacheDataset, make_loader  # noqa: E402
 from kdcache.encoding import coerce_sample  # noqa: E402
 from kdcache.models import siglip_image_processor  # noqa: E402
 from kdcache.sampler import ResumableSampler  # noqa: E402
-from kdcache.shards import CacheReader  # noqa: E402
+from kdcache.reader import CacheReader  # noqa: E402
 
 GOAL_READ = 200.0
 V, K, L, R = 151936, 64, common.VISUAL_LEN, common.RESPONSE_TOKENS
@@ -135,13 +135,129 @@ def column_sizes(records: list[dict]) -> dict[str, tuple[float, float]]:
     return out
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+# --- measurements (in main's order: write, read, dataset, loader)
+
+
+def measure_write(cache: Path, samples: list[dict]) -> tuple[dict, float, float]:
+    """ShardWriter over all samples + rank report + finalize_cache: (manifest, CPU s, wall s)."""
+    def write():
+        with writer.ShardWriter(cache, rank=0, k_response=K, k_visual=K) as shard_writer:
+            for sample in samples:
+                shard_writer.write(sample)
+        writer.write_rank_report(cache, 0, skipped=[])
+        return writer.finalize_cache(cache, {"world_size": 1, "vocab_size": V, "visual_len": L,
+                                             "image_token_id": IMAGE_TOKEN, "images_embedded": True,
+                                             "temperature": {"response": 1.0, "visual": 1.0}})
+
+    return common.measure(write)
+
+
+def read_samples(cache: Path, indices) -> None:
+    reader = CacheReader(cache)
+    for i in indices:
+        reader.read_sample(i)
+
+
+def measure_reads(cache: Path, manifest: dict, num_samples: int) -> tuple[list[int], dict[str, tuple[float, float]]]:
+    """The reader alone, sequential then in the sampler's (shuffled) order: (order, {name: (CPU s, wall s)})."""
+    order = list(ResumableSampler([e["num_samples"] for e in manifest["shards"]], seed=0))
+    read_samples(cache, range(4))                                 # warm the page cache
+    _, seq_cpu, seq_wall = common.measure(lambda: read_samples(cache, range(num_samples)))
+    _, rnd_cpu, rnd_wall = common.measure(lambda: read_samples(cache, order))
+    return order, {"read_file_order": (seq_cpu, seq_wall), "read_sampler_order": (rnd_cpu, rnd_wall)}
+
+
+def measure_dataset(cache: Path, order: list[int]) -> tuple[CacheDataset, float, float]:
+    """`CacheDataset[i]` in the sampler's order (+ JPEG decode, SigLIP preprocessing): (dataset, CPU s, wall s)."""
+    processor = siglip_image_processor(common.VISION["image_size"])
+    dataset = CacheDataset(CacheReader(cache), processor)
+    _, ds_cpu, ds_wall = common.measure(lambda: [dataset[i] for i in order])
+    return dataset, ds_cpu, ds_wall
+
+
+def measure_loader(dataset: CacheDataset, batch_size: int, workers: int) -> dict[str, float]:
+    """One pass of `make_loader` (collated batches): worker start-up, steady and overall batches per wall second."""
+    sampler = ResumableSampler(dataset.shard_sizes, seed=0, batch_size=batch_size)
+    loader = make_loader(dataset, sampler, batch_size=batch_size, num_workers=workers, pad_id=0)
+    start = time.perf_counter()
+    arrivals = []
+    for batch in loader:
+        arrivals.append(time.perf_counter())
+    startup = arrivals[0] - start
+    steady = (len(arrivals) - 1) / (arrivals[-1] - arrivals[0]) if len(arrivals) > 1 else float("nan")
+    total_rate = len(arrivals) / (arrivals[-1] - start)
+    del loader
+    return {"startup": startup, "steady": steady, "total_rate": total_rate}
+
+
+# --- report
+
+
+def print_column_table(sizes: dict[str, tuple[float, float]]) -> None:
+    rows = [[name, f"{raw / 1e3:,.1f}", f"{comp / 1e3:,.1f}", f"{comp / raw:.2f}" if raw else "-"]
+            for name, (raw, comp) in sizes.items() if raw > 0]
+    rows.append(["total (columns)", f"{sum(r for r, _ in sizes.values()) / 1e3:,.1f}",
+                 f"{sum(c for _, c in sizes.values()) / 1e3:,.1f}", ""])
+    common.print_table("Bytes per sample by column (mean of 16 samples; zstd 3 per buffer as Arrow IPC does)",
+                       ["column", "raw kB", "zstd kB", "ratio"], rows)
+
+
+def print_cache_table(args, stats: dict, synth: Synth, cpu: dict[str, float], loader: dict[str, float]) -> None:
+    n, steady = args.samples, loader["steady"]
+    common.print_table(
+        f"Cache of {n} samples: {stats['tokens'] / n:.0f} tokens, {L} visual + ~{R} response rows, k = {K}, relation, "
+        f"~{np.mean([len(i) for i in synth.images]) / 1e3:.0f} kB JPEG each",
+        ["measure", "value"],
+        [["shard bytes per sample", f"{stats['bytes_per_sample'] / 1e3:,.1f} kB"],
+         ["shard bytes per token", f"{stats['bytes_per_token']:,.0f} B"],
+         ["mean tail mass (response / visual)", f"{stats['mean_tail_mass']['response']:.3f} / "
+                                                f"{stats['mean_tail_mass']['visual']:.3f}"],
+         ["write (ShardWriter + finalize), per core",
+          f"{n / cpu['write']:,.1f} samples/CPU-s ({stats['num_bytes'] / cpu['write'] / 1e6:,.0f} MB/CPU-s)"],
+         ["read_sample, file order, per core", f"{n / cpu['read_file_order']:,.1f} samples/CPU-s"],
+         ["read_sample, sampler order, per core",
+          f"{n / cpu['read_sampler_order']:,.1f} samples/CPU-s (goal >= {GOAL_READ:.0f})"],
+         ["CacheDataset[i] (+ JPEG + SigLIP 384), per core", f"{n / cpu['dataset']:,.1f} samples/CPU-s"],
+         [f"DataLoader, {args.workers} workers, batch {args.batch_size}, steady",
+          f"{steady:,.2f} batches/s = {steady * args.batch_size:,.1f} samples/s (wall)"],
+         [f"DataLoader incl. worker start ({loader['startup']:.2f} s)", f"{loader['total_rate']:,.2f} batches/s"]])
+
+
+def result_json(args, info: dict, stats: dict, sizes: dict, timed: dict[str, tuple[float, float]],
+                loader: dict[str, float], started: float) -> dict:
+    n, steady = args.samples, loader["steady"]
+    read_rate = n / timed["read_sampler_order"][0]
+    return {
+        "benchmark": "bench_shards", **info, "threads": args.threads, "load_avg_1m_end": round(os.getloadavg()[0], 2),
+        "read_samples_per_s": round(read_rate, 1), "read_samples_per_s_goal": GOAL_READ,
+        "read_samples_per_s_goal_met": read_rate >= GOAL_READ,
+        "read_samples_per_s_file_order": round(n / timed["read_file_order"][0], 1),
+        "write_samples_per_s": round(n / timed["write"][0], 1),
+        "dataset_samples_per_s": round(n / timed["dataset"][0], 1),
+        "loader_batches_per_s": round(steady, 3), "loader_samples_per_s": round(steady * args.batch_size, 2),
+        "loader_batches_per_s_incl_startup": round(loader["total_rate"], 3), "loader_workers": args.workers,
+        "batch_size": args.batch_size,
+        "bytes_per_sample": round(stats["bytes_per_sample"]), "bytes_per_token": round(stats["bytes_per_token"], 1),
+        "tokens_per_sample": round(stats["tokens"] / n, 1), "samples": n,
+        "column_kb_per_sample": {k: [round(r / 1e3, 2), round(c / 1e3, 2)] for k, (r, c) in sizes.items() if r},
+        "wall_s": {"write": round(timed["write"][1], 2), "read_file_order": round(timed["read_file_order"][1], 2),
+                   "read_sampler_order": round(timed["read_sampler_order"][1], 2),
+                   "dataset": round(timed["dataset"][1], 2)},
+        "elapsed_wall_s": round(time.perf_counter() - started, 1),
+    }
+
+
+def main() -> None:
+    args = parse_args()
     common.set_threads(args.threads)
     pa.set_cpu_count(1)
     pa.set_io_thread_count(1)
@@ -152,90 +268,17 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="kdcache-bench-shards-") as tmp:
         cache = Path(tmp) / "cache"
-        # --- write
-        def write():
-            with shards.ShardWriter(cache, rank=0, k_response=K, k_visual=K) as writer:
-                for sample in samples:
-                    writer.write(sample)
-            shards.write_rank_report(cache, 0, skipped=[])
-            return shards.finalize_cache(cache, {"world_size": 1, "vocab_size": V, "visual_len": L,
-                                                 "image_token_id": IMAGE_TOKEN, "images_embedded": True,
-                                                 "temperature": {"response": 1.0, "visual": 1.0}})
-
-        manifest, write_cpu, write_wall = common.measure(write)
-        stats = manifest["stats"]
+        manifest, write_cpu, write_wall = measure_write(cache, samples)
         sizes = column_sizes([coerce_sample(s, k_response=K, k_visual=K) for s in samples[:16]])
+        order, reads = measure_reads(cache, manifest, args.samples)
+        dataset, ds_cpu, ds_wall = measure_dataset(cache, order)
+        loader = measure_loader(dataset, args.batch_size, args.workers)
 
-        # --- read: the reader alone, sequential then in the sampler's (shuffled) order
-        order = list(ResumableSampler([e["num_samples"] for e in manifest["shards"]], seed=0))
-
-        def read(indices):
-            reader = CacheReader(cache)
-            for i in indices:
-                reader.read_sample(i)
-
-        read(range(4))                                                # warm the page cache
-        _, seq_cpu, seq_wall = common.measure(lambda: read(range(args.samples)))
-        _, rnd_cpu, rnd_wall = common.measure(lambda: read(order))
-        processor = siglip_image_processor(common.VISION["image_size"])
-        dataset = CacheDataset(CacheReader(cache), processor)
-        _, ds_cpu, ds_wall = common.measure(lambda: [dataset[i] for i in order])
-
-        # --- loader: 2 workers, collated batches
-        sampler = ResumableSampler(dataset.shard_sizes, seed=0, batch_size=args.batch_size)
-        loader = make_loader(dataset, sampler, batch_size=args.batch_size, num_workers=args.workers, pad_id=0)
-        start = time.perf_counter()
-        arrivals = []
-        for batch in loader:
-            arrivals.append(time.perf_counter())
-        startup = arrivals[0] - start
-        steady = (len(arrivals) - 1) / (arrivals[-1] - arrivals[0]) if len(arrivals) > 1 else float("nan")
-        total_rate = len(arrivals) / (arrivals[-1] - start)
-        del loader
-        num_bytes = stats["num_bytes"]
-
-    n = args.samples
-    tokens = stats["tokens"] / n
-    rows = [[name, f"{raw / 1e3:,.1f}", f"{comp / 1e3:,.1f}", f"{comp / raw:.2f}" if raw else "-"]
-            for name, (raw, comp) in sizes.items() if raw > 0]
-    rows.append(["total (columns)", f"{sum(r for r, _ in sizes.values()) / 1e3:,.1f}",
-                 f"{sum(c for _, c in sizes.values()) / 1e3:,.1f}", ""])
-    common.print_table(f"Bytes per sample by column (mean of 16 samples; zstd 3 per buffer as Arrow IPC does)",
-                       ["column", "raw kB", "zstd kB", "ratio"], rows)
-    common.print_table(
-        f"Cache of {n} samples: {tokens:.0f} tokens, {L} visual + ~{R} response rows, k = {K}, relation, "
-        f"~{np.mean([len(i) for i in synth.images]) / 1e3:.0f} kB JPEG each",
-        ["measure", "value"],
-        [["shard bytes per sample", f"{stats['bytes_per_sample'] / 1e3:,.1f} kB"],
-         ["shard bytes per token", f"{stats['bytes_per_token']:,.0f} B"],
-         ["mean tail mass (response / visual)", f"{stats['mean_tail_mass']['response']:.3f} / "
-                                                f"{stats['mean_tail_mass']['visual']:.3f}"],
-         ["write (ShardWriter + finalize), per core", f"{n / write_cpu:,.1f} samples/CPU-s ({num_bytes / write_cpu / 1e6:,.0f} MB/CPU-s)"],
-         ["read_sample, file order, per core", f"{n / seq_cpu:,.1f} samples/CPU-s"],
-         ["read_sample, sampler order, per core", f"{n / rnd_cpu:,.1f} samples/CPU-s (goal >= {GOAL_READ:.0f})"],
-         ["CacheDataset[i] (+ JPEG + SigLIP 384), per core", f"{n / ds_cpu:,.1f} samples/CPU-s"],
-         [f"DataLoader, {args.workers} workers, batch {args.batch_size}, steady",
-          f"{steady:,.2f} batches/s = {steady * args.batch_size:,.1f} samples/s (wall)"],
-         [f"DataLoader incl. worker start ({startup:.2f} s)", f"{total_rate:,.2f} batches/s"]])
-    read_rate = n / rnd_cpu
-    result = {
-        "benchmark": "bench_shards", **info, "threads": args.threads, "load_avg_1m_end": round(os.getloadavg()[0], 2),
-        "read_samples_per_s": round(read_rate, 1), "read_samples_per_s_goal": GOAL_READ,
-        "read_samples_per_s_goal_met": read_rate >= GOAL_READ,
-        "read_samples_per_s_file_order": round(n / seq_cpu, 1),
-        "write_samples_per_s": round(n / write_cpu, 1),
-        "dataset_samples_per_s": round(n / ds_cpu, 1),
-        "loader_batches_per_s": round(steady, 3), "loader_samples_per_s": round(steady * args.batch_size, 2),
-        "loader_batches_per_s_incl_startup": round(total_rate, 3), "loader_workers": args.workers,
-        "batch_size": args.batch_size,
-        "bytes_per_sample": round(stats["bytes_per_sample"]), "bytes_per_token": round(stats["bytes_per_token"], 1),
-        "tokens_per_sample": round(tokens, 1), "samples": n,
-        "column_kb_per_sample": {k: [round(r / 1e3, 2), round(c / 1e3, 2)] for k, (r, c) in sizes.items() if r},
-        "wall_s": {"write": round(write_wall, 2), "read_file_order": round(seq_wall, 2),
-                   "read_sampler_order": round(rnd_wall, 2), "dataset": round(ds_wall, 2)},
-        "elapsed_wall_s": round(time.perf_counter() - started, 1),
-    }
-    print(json.dumps(result))
+    stats = manifest["stats"]
+    timed = {"write": (write_cpu, write_wall), **reads, "dataset": (ds_cpu, ds_wall)}   # (CPU s, wall s)
+    print_column_table(sizes)
+    print_cache_table(args, stats, synth, {k: c for k, (c, _) in timed.items()}, loader)
+    print(json.dumps(result_json(args, info, stats, sizes, timed, loader, started)))
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ import common  # noqa: E402
 from kdcache import losses, models, targets  # noqa: E402
 from kdcache.batches import CacheDataset, make_loader  # noqa: E402
 from kdcache.sampler import ResumableSampler  # noqa: E402
-from kdcache.shards import CacheReader  # noqa: E402
+from kdcache.reader import CacheReader  # noqa: E402
 from student_train.config import TrainConfig  # noqa: E402
 from student_train.train import StudentLoss, set_trainable  # noqa: E402
 

@@ -11,7 +11,7 @@ The models keep the proportions of the real pair (benchmarks/README.md, "Configu
 * the vocabulary is scaled down with the widths (6,272 instead of 151,936) so that the head ratio holds.
 
 Both models are built through `kdcache.models.compose` with the toy tokenizer (its 600 ids are all a
-sample uses; the LM's vocabulary is larger), exactly as `kdcache.toy.build_toy_bundle` does.
+sample uses; the LM's vocabulary is larger), exactly as `kdcache.toy.models.build_toy_bundle` does.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ import torch
 from PIL import Image
 from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
 
-from kdcache import models, toy
+from kdcache import models
+from kdcache.toy import models as toy_models
 
 REPO = Path(__file__).resolve().parents[1]
 DATE = "2026-11-22"
@@ -134,7 +135,7 @@ def student_step_flops(seq_len: int, head_rows: int, *, recompute_head: bool = T
 
 def build_bundle(text_config: dict, *, seed: int, source: str, logit_std: float | None = None) -> models.Bundle:
     """A LLaVA bundle: the benchmark tower + a Qwen2 LM from `text_config`, joined by `compose`."""
-    tokenizer = toy.build_toy_tokenizer(image_token=True)
+    tokenizer = toy_models.build_toy_tokenizer(image_token=True)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(1234)
         tower = SiglipVisionModel(SiglipVisionConfig(**VISION, vision_use_head=False))
@@ -166,7 +167,7 @@ def student_bundle() -> models.Bundle:
 
 
 def make_image(seed: int, target_bytes: int = 60_000, size: tuple[int, int] = (512, 384)) -> bytes:
-    """A photo-like JPEG of about `target_bytes`: smooth colour fields plus texture, quality searched."""
+    """A photo-like JPEG of about `target_bytes`: smooth color fields plus texture, quality searched."""
     rng = np.random.default_rng(seed)
     w, h = size
     low = rng.random((h // 32 + 1, w // 32 + 1, 3)) * 255
@@ -187,7 +188,8 @@ def make_dataset(folder: Path, num_samples: int, *, seed: int = 0, answer_words:
     """LLaVA JSON + images in `folder`: one question, one ~200-token answer per sample (qwen2_base)."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "images").mkdir(exist_ok=True)
-    words = [*toy.COLOURS, *toy.SHAPES, *toy.SIZES, *toy.POSITIONS, *toy.COUNTS, *toy.FUNCTION_WORDS]
+    words = [*toy_models.COLORS, *toy_models.SHAPES, *toy_models.SIZES, *toy_models.POSITIONS, *toy_models.COUNTS,
+             *toy_models.FUNCTION_WORDS]
     rng = random.Random(seed)
     records = []
     for i in range(num_samples):
@@ -203,27 +205,33 @@ def make_dataset(folder: Path, num_samples: int, *, seed: int = 0, answer_words:
 
 
 def dump_cache(bundle: models.Bundle, data: Path, out: Path, *, batch_size: int = 2) -> dict:
-    """A real cache of `data` from `bundle`: the loop of `teacher_dump.dump.dump` (prepare ->
-    teacher_targets -> ShardWriter), then the rank report and `finalize_cache`. Returns the manifest."""
-    from kdcache import samples, shards, targets
+    """A real cache of `data` from `bundle`, through `teacher_dump.dump.dump_records`. Returns the manifest."""
+    from kdcache import samples
     from teacher_dump import dump
+
+    cfg = dump_config(data, out, batch_size=batch_size)
+    teacher = dump.Teacher.from_bundle(bundle, device=torch.device("cpu"), dtype=torch.float32, relation=cfg.relation)
+    return write_cache(teacher, samples.load_records(data), cfg,
+                       dump.run_description(cfg, bundle, teacher, world_size=1))
+
+
+def dump_config(data: Path, out: Path, *, batch_size: int):
+    """The benchmarks' dump settings: the job's defaults, on the CPU in float32, quiet."""
     from teacher_dump.config import DumpConfig
 
-    cfg = DumpConfig(teacher=bundle.source, data=str(data), out=str(out), images=str(data.parent / "images"),
-                     batch_size=batch_size, device="cpu", dtype="float32", progress=False, allow_untrained=True)
-    model = bundle.model.eval()
-    visual_len = models.visual_len_of(model.config)
-    prepared = [dump.prepare(r, cfg, bundle, visual_len, Path(cfg.images)) for r in samples.load_records(data)]
-    weight = models.lm_head_weight(model)
-    with torch.no_grad():
-        gram = targets.gram_matrix(weight)
-    with shards.ShardWriter(out, rank=0, k_response=cfg.topk_response, k_visual=cfg.topk_visual) as writer:
-        for batch in dump.batched(prepared, batch_size):
-            for sample in dump.teacher_targets(batch, model, bundle, weight, gram, cfg, torch.device("cpu"),
-                                               torch.float32):
-                writer.write(sample)
-    shards.write_rank_report(out, 0, skipped=[])
-    return shards.finalize_cache(out, dump.run_description(cfg, bundle, visual_len, torch.float32, 1))
+    return DumpConfig(teacher="bench-teacher", data=str(data), out=str(out), images=str(data.parent / "images"),
+                      batch_size=batch_size, device="cpu", dtype="float32", progress=False, allow_untrained=True)
+
+
+def write_cache(teacher, records: list, cfg, run: dict) -> dict:
+    """`dump_records` into one rank's shards at `cfg.out`, then the rank report and the manifest, as `dump` does."""
+    from kdcache import writer
+    from teacher_dump import dump
+
+    with dump.open_writer(cfg, rank=0) as shard_writer:
+        skipped = dump.dump_records(teacher, records, cfg, shard_writer)
+    writer.write_rank_report(cfg.out, 0, skipped=skipped)
+    return writer.finalize_cache(cfg.out, run)
 
 
 # --- timing and reporting
