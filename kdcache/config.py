@@ -24,6 +24,9 @@ from kdcache.errors import KdcacheError
 
 C = TypeVar("C")
 
+# The --dtype names (`models.resolve_dtype` maps them to torch dtypes); declared here, torch-free, for the configs.
+DTypeName = Literal["auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"]
+
 
 def load_yaml(path: str | Path | None) -> dict[str, Any]:
     """A YAML mapping of config fields (safe_load: no object construction)."""

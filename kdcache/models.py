@@ -19,6 +19,7 @@ import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import get_args
 
 import torch
 from transformers import (AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer, LlavaConfig,
@@ -29,6 +30,7 @@ from transformers.utils import logging as hf_logging
 
 import kdcache
 from kdcache import presets
+from kdcache.config import DTypeName
 from kdcache.errors import KdcacheError
 from kdcache.files import write_json_atomic
 from kdcache.templates import IMAGE_TOKEN
@@ -39,6 +41,7 @@ _VOLATILE_CONFIG_KEYS = {"transformers_version", "_name_or_path", "_commit_hash"
                          "_attn_implementation", "_attn_implementation_autoset", "architectures"}
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+assert set(_DTYPES) | {"auto"} == set(get_args(DTypeName)), "--dtype names and their torch dtypes disagree"
 
 
 @dataclass

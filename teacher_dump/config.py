@@ -7,12 +7,9 @@ fields and their ``metadata`` (``help``; ``ge`` / ``gt`` ranges checked by `kdca
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
 
-from kdcache.config import check_fields
+from kdcache.config import DTypeName, check_fields
 from kdcache.templates import TemplateName
-
-DType = Literal["auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"]
 
 
 @dataclass(frozen=True)
@@ -35,7 +32,7 @@ class DumpConfig:
     max_length: int = field(default=2048, metadata={"help": "Longest sequence allowed, in tokens.", "ge": 1})
     shard_size_mb: float = field(default=512.0, metadata={"help": "Target shard size in MB.", "gt": 0})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N."})
-    dtype: DType = field(default="auto", metadata={
+    dtype: DTypeName = field(default="auto", metadata={
         "help": "Teacher dtype; auto is bfloat16 on a GPU that supports it, float32 elsewhere."})
     chunk_rows: int = field(default=256, metadata={"help": "Rows per LM-head chunk in top-k extraction.", "ge": 1})
     skip_bad: bool = field(default=False, metadata={"help": "Skip bad samples, listing them in the manifest."})
