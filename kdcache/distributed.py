@@ -33,13 +33,10 @@ def topology() -> Topology:
     )
 
 
-def init_process_group(topo: Topology, backend: str) -> bool:
-    """Join the process group when running under torchrun; returns whether one is active."""
-    if topo.world_size == 1:
-        return False
-    if not dist.is_initialized():
+def init_process_group(topo: Topology, backend: str) -> None:
+    """Join the process group when running under torchrun (a single process has none)."""
+    if topo.world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend=backend)
-    return True
 
 
 def barrier() -> None:

@@ -45,15 +45,13 @@ class MetricsLog:
             self.file = None
 
 
-def plot_metrics(metrics: Path, out: Path, *, title: str = "") -> Path | None:
-    """Plot each non-zero loss component; returns the PNG path (None without matplotlib)."""
-    try:
-        import matplotlib
+def plot_metrics(metrics: Path, out: Path, *, title: str = "") -> None:
+    """Plot each non-zero loss component of `metrics` (metrics.jsonl) into the PNG `out`."""
+    import matplotlib  # a dependency, imported here: only the end of a run draws
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     rows = [json.loads(line) for line in Path(metrics).read_text().splitlines() if line.strip()]
     fig, ax = plt.subplots(figsize=(7, 4))
     for name in COMPONENTS:
@@ -67,4 +65,3 @@ def plot_metrics(metrics: Path, out: Path, *, title: str = "") -> Path | None:
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
-    return Path(out)

@@ -35,7 +35,8 @@ def test_quickstart_runs_the_whole_recipe_and_writes_its_report(tmp_path):
     assert on_disk["accuracy"] == report["accuracy"]
     assert (tmp_path / "qs" / "report.png").stat().st_size > 10_000
     for cache in ("captions", "questions"):
-        assert (tmp_path / "qs" / "caches" / cache / "manifest.json").exists()
+        manifest = json.loads((tmp_path / "qs" / "caches" / cache / "manifest.json").read_text())
+        assert on_disk["cache_bytes"][cache] == manifest["stats"]["num_bytes"] > 0
     steps = {run: len((tmp_path / "qs" / "runs" / run / "metrics.jsonl").read_text().splitlines())
              for run in ("baseline-pt", "baseline-sft", "distilled-dpt", "distilled-sft", "distilled-dft")}
     # small plan: 2 steps per stage; the baseline's SFT also takes the 2 steps of the DFT it lacks

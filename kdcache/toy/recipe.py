@@ -58,6 +58,7 @@ class Recipe:
         hf_logging.disable_progress_bar()        # per-checkpoint load/save bars: noise at toy sizes
         self.out, self.plan, self.seed, self.progress = Path(out), plan, seed, progress
         self.seconds: dict[str, float] = {}
+        self.cache_bytes: dict[str, int] = {}         # cache name -> bytes of its shards (from the manifest)
 
     def timed(self, name: str, fn, *args, **kwargs):
         start = time.perf_counter()
@@ -104,7 +105,8 @@ class Recipe:
                              out=str(self.out / "caches" / name), template=template, topk_response=self.plan.topk,
                              topk_visual=self.plan.topk, batch_size=32, device="cpu", dtype="float32",
                              progress=self.progress)
-            self.timed(f"dump-{name}", dump, cfg)
+            manifest = self.timed(f"dump-{name}", dump, cfg)
+            self.cache_bytes[name] = manifest["stats"]["num_bytes"]
             caches[name] = cfg.out
         return caches
 
@@ -142,7 +144,8 @@ def run_quickstart(out: str | Path, *, seed: int = 0, plan: Plan = Plan(), progr
     report = {"seed": seed, "plan": plan.__dict__, "models": models,
               "accuracy": {name: r["accuracy"] for name, r in results.items()},
               "per_type": {name: {t: v["accuracy"] for t, v in r["per_type"].items()} for name, r in results.items()},
-              "num_questions": results["teacher"]["num_questions"], "seconds": recipe.seconds}
+              "num_questions": results["teacher"]["num_questions"], "seconds": recipe.seconds,
+              "cache_bytes": recipe.cache_bytes}
     recipe.out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(recipe.out / "report.json", report)
     write_report_png(recipe.out, report)
