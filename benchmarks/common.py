@@ -35,7 +35,6 @@ from kdcache import models
 from kdcache.toy import models as toy_models
 
 REPO = Path(__file__).resolve().parents[1]
-DATE = "2026-11-22"
 
 # --- configurations (real ones for the ratios, scaled ones for the CPU)
 
@@ -264,7 +263,7 @@ def machine() -> dict:
                 break
     except OSError:
         pass
-    return {"date": DATE, "commit": commit, "cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    return {"date": time.strftime("%Y-%m-%d"), "commit": commit, "cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(),
             "load_avg_1m_start": round(load[0], 2)}
 
