@@ -43,7 +43,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-from kdcache import losses, models, targets  # noqa: E402
+from kdcache import losses, models, schema, targets  # noqa: E402
 from kdcache.batches import CacheDataset, make_loader  # noqa: E402
 from kdcache.sampler import ResumableSampler  # noqa: E402
 from kdcache.reader import CacheReader  # noqa: E402
@@ -250,7 +250,7 @@ def memory_child(impl: str, batch_size: int) -> dict:
              "response_topk_ids": r_ids, "response_topk_logprobs": r_lp, "visual_index": visual_index,
              "visual_topk_ids": v_ids, "visual_topk_logprobs": v_lp, "relation_index": torch.arange(batch_size),
              "relation_visual_start": torch.full((batch_size,), vs),
-             "relation_upper": torch.rand(batch_size, targets.packed_size(L), generator=gen)}
+             "relation_upper": torch.rand(batch_size, schema.relation_size(L), generator=gen)}
     gc.collect()
     baseline = _status_kb("VmRSS")
     try:

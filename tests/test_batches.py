@@ -117,7 +117,7 @@ def test_collate_is_picklable_as_a_partial_for_spawned_workers():
     assert fn([hand_sample("a", 3, [1], targets=False)])["input_ids"].tolist() == [[101, 102, 103]]
 
 
-# --- over a real cache (kdcache.shards) and a real LLaVA JSON (kdcache.samples / templates)
+# --- over a real cache (kdcache.writer) and a real LLaVA JSON (kdcache.samples / templates)
 
 K_R, K_V, IMAGE_SIZE = 5, 3, 32
 
