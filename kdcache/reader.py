@@ -2,9 +2,11 @@
 
 `CacheReader` gives random access to the samples of a finished cache, local or behind an fsspec
 URL; `verify_cache` lists every fault it can find; `describe_cache` is the `kdcache inspect`
-summary. A cache from elsewhere is untrusted input: the manifest's format and version are checked
-first, shard paths must stay inside the cache, shards must match the schema, checksums are
-verified on request, and nothing is ever unpickled.
+summary. A cache from elsewhere is untrusted input: the manifest is checked as a whole first
+(`schema.manifest_faults`), shard paths must stay inside the cache and be listed once, shards must
+match the schema and hold unique sample ids, checksums are verified on request, every row is
+checked against the format and the manifest (`encoding.DecodedBatch`, `encoding.RowLimits`) before
+it is handed out, and nothing is ever unpickled.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ from collections import OrderedDict
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from kdcache import schema
-from kdcache.encoding import DecodedBatch
+from kdcache.encoding import READ_ERRORS, DecodedBatch, RowLimits, one_line
 from kdcache.errors import CacheError, KdcacheError
 from kdcache.files import sha256_stream
 
@@ -66,6 +69,8 @@ class CacheLocation:
         and (locally) not resolve outside it through a symlink."""
         if not isinstance(relative, str) or not relative:
             return f"{self.name}: shard path {relative!r} is not a non-empty string"
+        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in relative):
+            return f"{self.name}: shard path {relative!r} holds control characters"
         if relative.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", relative) or "://" in relative:
             return f"{self.name}: shard path {relative!r} is absolute; shard paths must be relative to the cache"
         if "\\" in relative or any(part in ("", ".", "..") for part in relative.split("/")):
@@ -75,6 +80,10 @@ class CacheLocation:
             if os.path.commonpath([root, os.path.realpath(self.path(relative))]) != root:
                 return f"{self.name}: shard path {relative!r} resolves outside the cache directory (symlink)"
         return None
+
+    def resolved(self, relative: str) -> str:
+        """The file a shard path names (locally through symlinks), to tell two entries naming one file."""
+        return os.path.realpath(self.path(relative)) if self.fs is None else self.path(relative)
 
     def bytes_fault(self, entry: dict) -> str | None:
         """Presence, size, then sha256 of a shard against its manifest entry; None when all match."""
@@ -99,46 +108,92 @@ def load_manifest(location: CacheLocation) -> dict:
     try:
         with location.open(schema.MANIFEST_NAME) as f:
             return json.loads(f.read())
-    except (OSError, ValueError) as e:
-        raise CacheError(f"{location.where(schema.MANIFEST_NAME)}: unreadable manifest ({e})") from e
+    except (OSError, ValueError, RecursionError) as e:      # RecursionError: absurdly nested JSON
+        raise CacheError(f"{location.where(schema.MANIFEST_NAME)}: unreadable manifest ({one_line(e)})") from e
 
 
-def _open_shard(source, where: str, expected: pa.Schema) -> tuple[pa.ipc.RecordBatchFileReader, np.ndarray, list]:
-    """Open a shard and read its sample ids; (reader, batch_starts (num_batches + 1,), sample ids)."""
+def _open_shard(source, where: str, expected: pa.Schema) -> tuple[pa.ipc.RecordBatchFileReader, np.ndarray, pa.ChunkedArray]:
+    """Open a shard and read its sample ids: (reader, batch_starts (num_batches + 1,), sample ids).
+
+    Only the sample_id column is decompressed, and each of its batches is fully validated before a
+    value is read (a corrupt offset would otherwise read outside the buffer). Refuses (CacheError) a
+    shard that Arrow cannot read, another schema, and null, empty or repeated sample ids.
+    """
     try:
         reader = pa.ipc.open_file(source, options=pa.ipc.IpcReadOptions(use_threads=False))
         if not reader.schema.equals(expected, check_metadata=False):
-            raise CacheError(f"{where}: shard schema does not match the cache's format:\n"
-                             f"  expected {expected.remove_metadata()}\n  found    {reader.schema.remove_metadata()}")
-        # only the sample_id column is decompressed to count rows
+            raise CacheError(f"{where}: shard schema does not match the cache's format ({_schema_diff(expected, reader.schema)})")
         ids_only = pa.ipc.open_file(source, options=pa.ipc.IpcReadOptions(included_fields=[0], use_threads=False))
-        ids = [ids_only.get_batch(b).column(0) for b in range(ids_only.num_record_batches)]
-    except (pa.ArrowException, OSError, ValueError) as e:
-        raise CacheError(f"{where}: not a readable Arrow IPC shard ({e})") from e
-    return reader, np.cumsum([0] + [len(column) for column in ids]), [i for c in ids for i in c.to_pylist()]
+        if ids_only.num_record_batches != reader.num_record_batches:
+            raise CacheError(f"{where}: inconsistent record batch count")
+        chunks = []
+        for b in range(ids_only.num_record_batches):
+            column = ids_only.get_batch(b).column(0)
+            try:
+                column.validate(full=True)
+            except READ_ERRORS as e:
+                raise CacheError(f"{where}: record batch {b}: column {schema.SAMPLE_ID!r} is corrupt ({one_line(e)})") from e
+            if column.null_count:
+                raise CacheError(f"{where}: record batch {b}: column {schema.SAMPLE_ID!r} holds nulls")
+            chunks.append(column)
+        ids = pa.chunked_array(chunks, pa.string())
+        if len(ids) and pc.min(pc.utf8_length(ids)).as_py() == 0:
+            raise CacheError(f"{where}: column {schema.SAMPLE_ID!r} holds an empty id")
+        if len(ids) and pc.count_distinct(ids).as_py() != len(ids):
+            counts = pc.value_counts(ids)
+            repeated = counts.filter(pc.greater(counts.field("counts"), 1))[0]
+            raise CacheError(f"{where}: sample {repeated['values'].as_py()!r}: {schema.SAMPLE_ID} appears "
+                             f"{repeated['counts'].as_py()} times in the shard (ids must be unique in a cache)")
+    except CacheError:
+        raise
+    except READ_ERRORS as e:
+        raise CacheError(f"{where}: not a readable Arrow IPC shard ({one_line(e)})") from e
+    return reader, np.cumsum([0] + [len(chunk) for chunk in chunks]), ids
+
+
+def _schema_diff(expected: pa.Schema, found: pa.Schema) -> str:
+    """The first difference between two shard schemas, on one line."""
+    if found.names != expected.names:
+        return f"columns {found.names}, expected {expected.names}"
+    for want, got in zip(expected, found):
+        if not got.equals(want):
+            return (f"column {want.name!r} is {got.type}{'' if got.nullable else ' not null'}, expected "
+                    f"{want.type}{'' if want.nullable else ' not null'}")
+    return "metadata"
 
 
 class CacheReader:
     """Random access to the samples of a finished cache.
 
     `cache` is a local directory or an fsspec URL. Refuses a missing manifest, another format, an
-    unknown `format_version`, unsafe shard paths and shards whose schema or row count disagrees
-    with the manifest; with `verify=True` every shard's size and sha256 are checked first. Shards are
+    unknown `format_version`, a malformed manifest (`schema.manifest_faults`; with `for_training=True`
+    also one lacking what training reads, `schema.TRAINING_MANIFEST_KEYS`), unsafe or repeated shard
+    paths, and shards whose schema or row count disagrees with the manifest or whose sample ids repeat;
+    with `verify=True` every shard's size and sha256 are checked first. Every row is checked against
+    the format and the manifest's `RowLimits` when its record batch is decoded (`DecodedBatch`).
+    `manifest` is a `schema.Manifest`: `manifest[key]` for a key it lacks is a CacheError. Shards are
     opened lazily (a small LRU of `max_open_shards`), so a reader is cheap to construct and to send
     to DataLoader workers: pickling it drops the open shards, and a forked worker opens its own
     (memory maps and decoded batches are never shared between processes).
     """
 
-    def __init__(self, cache, *, verify: bool = False, max_open_shards: int = 4):
+    def __init__(self, cache, *, verify: bool = False, max_open_shards: int = 4, for_training: bool = False):
         self._location = CacheLocation(cache)
         self.cache = self._location.name
-        self.manifest: dict = load_manifest(self._location)
-        schema.check_manifest(self.manifest, self.cache)
+        manifest = load_manifest(self._location)
+        schema.check_manifest(manifest, self.cache, for_training=for_training)
+        self.manifest = schema.Manifest(manifest, self.cache)
         self.shards: list[dict] = self.manifest["shards"]
+        files: dict[str, str] = {}
         for entry in self.shards:
             fault = self._location.path_fault(entry["path"])
             if fault:
                 raise CacheError(fault)
+            file = self._location.resolved(entry["path"])
+            if file in files:
+                raise CacheError(f"{self.cache}: shard paths {files[file]!r} and {entry['path']!r} name the same file")
+            files[file] = entry["path"]
+        self.limits = RowLimits.from_manifest(self.manifest)
         self.k_response = self.manifest["topk"]["response"]
         self.k_visual = self.manifest["topk"]["visual"]
         self.schema = schema.shard_schema(self.k_response, self.k_visual)
@@ -151,6 +206,14 @@ class CacheReader:
                 fault = self._location.bytes_fault(entry)
                 if fault:
                     raise CacheError(fault)
+        elif self._location.fs is None:
+            # a stat per shard: the byte sizes that bound the sample counts (schema.MIN_SHARD_BYTES_PER_SAMPLE)
+            # are the files' own, before a sampler allocates an order over those counts
+            for entry in self.shards:
+                path = self._location.path(entry["path"])
+                if os.path.exists(path) and os.path.getsize(path) != entry["num_bytes"]:
+                    raise CacheError(f"{self._location.where(entry['path'])}: shard is {os.path.getsize(path)} "
+                                     f"bytes, the manifest says {entry['num_bytes']}")
         self.max_open_shards = max_open_shards
         self._open: OrderedDict[int, _ShardState] = OrderedDict()
         self._pid = os.getpid()
@@ -207,7 +270,7 @@ class CacheReader:
         if batch_starts[-1] != entry["num_samples"]:
             raise CacheError(f"{where}: shard holds {batch_starts[-1]} samples, "
                              f"the manifest says {entry['num_samples']}")
-        self._open[shard] = _ShardState(reader, batch_starts, where)
+        self._open[shard] = _ShardState(reader, batch_starts, where, self.limits)
         while len(self._open) > self.max_open_shards:
             self._open.popitem(last=False)
         return self._open[shard]
@@ -216,71 +279,98 @@ class CacheReader:
 class _ShardState:
     """An open shard and its most recently decoded record batch (sequential reads decode each batch once)."""
 
-    def __init__(self, reader: pa.ipc.RecordBatchFileReader, batch_starts: np.ndarray, where: str):
-        self.reader, self.batch_starts, self.where = reader, batch_starts, where
+    def __init__(self, reader: pa.ipc.RecordBatchFileReader, batch_starts: np.ndarray, where: str, limits: RowLimits):
+        self.reader, self.batch_starts, self.where, self.limits = reader, batch_starts, where, limits
         self._batch: tuple[int, DecodedBatch] | None = None
 
     def decoded(self, batch: int) -> DecodedBatch:
         if self._batch is None or self._batch[0] != batch:
-            try:
-                record_batch = self.reader.get_batch(batch)
-            except (pa.ArrowException, OSError) as e:
-                raise CacheError(f"{self.where}: cannot read record batch {batch} ({e})") from e
-            self._batch = (batch, DecodedBatch(record_batch, self.where))
+            self._batch = (batch, decode_batch(self.reader, batch, self.batch_starts, self.where, self.limits))
         return self._batch[1]
+
+
+def decode_batch(reader: pa.ipc.RecordBatchFileReader, batch: int, batch_starts: np.ndarray, where: str,
+                 limits: RowLimits) -> DecodedBatch:
+    """Record batch `batch` of an open shard, decoded and every row checked (CacheError otherwise)."""
+    try:
+        record_batch = reader.get_batch(batch)
+    except READ_ERRORS as e:
+        raise CacheError(f"{where}: cannot read record batch {batch} ({one_line(e)})") from e
+    decoded = DecodedBatch(record_batch, where, limits, batch_index=batch)
+    expected = int(batch_starts[batch + 1] - batch_starts[batch])
+    if decoded.num_rows != expected:
+        raise CacheError(f"{where}: record batch {batch} holds {decoded.num_rows} rows, its sample ids {expected}")
+    return decoded
 
 
 # --- verify and describe
 
 
-def verify_cache(cache) -> list[str]:
-    """Every fault found in a cache, each naming its file; an empty list means the cache is sound.
+def verify_cache(cache, *, quick: bool = False) -> list[str]:
+    """Every fault found in a cache, one line each, naming its file (and sample and column where one is
+    at fault); an empty list means the cache is sound.
 
-    Checks the manifest's format, version and keys, then per shard: path safety, presence, byte
-    size, sha256, schema, row count; then that sample ids are unique and the counts add up.
+    Checks the manifest as a whole (`schema.manifest_faults`), then per shard: path safety, that no
+    two entries name one file, presence, byte size, sha256, schema, sample ids (valid, unique in the
+    cache), row count; then that the counts add up. Unless `quick`, it also decodes every record
+    batch and runs the row checks a reader runs (`encoding.DecodedBatch` against the manifest's
+    `RowLimits`): one fault per bad record batch.
     """
     try:
         location = CacheLocation(cache)
         manifest = load_manifest(location)
     except KdcacheError as e:
-        return [str(e)]
+        return [one_line(e)]
     except (OSError, ValueError) as e:        # e.g. an fsspec URL with an unknown protocol
-        return [f"{cache}: cannot open cache ({e})"]
+        return [f"{cache}: cannot open cache ({one_line(e)})"]
     faults = schema.manifest_faults(manifest, location.name)
     if faults:
         return faults
     expected = schema.shard_schema(manifest["topk"]["response"], manifest["topk"]["visual"])
+    limits = None if quick else RowLimits.from_manifest(manifest)
     owner: dict[str, str] = {}
+    files: dict[str, str] = {}
     for entry in manifest["shards"]:
-        faults += _shard_faults(location, entry, expected, owner)
+        faults += _shard_faults(location, entry, expected, owner, files, limits)
     total = sum(entry["num_samples"] for entry in manifest["shards"])
     if total != manifest["num_samples"]:
         faults.append(f"{location.where(schema.MANIFEST_NAME)}: num_samples is {manifest['num_samples']} "
                       f"but its shards hold {total}")
-    return faults
+    return [one_line(fault) for fault in faults]
 
 
-def _shard_faults(location: CacheLocation, entry: dict, expected: pa.Schema, owner: dict[str, str]) -> list[str]:
+def _shard_faults(location: CacheLocation, entry: dict, expected: pa.Schema, owner: dict[str, str],
+                  files: dict[str, str], limits: RowLimits | None) -> list[str]:
     fault = location.path_fault(entry["path"])
     if fault:
         return [fault]
+    file = location.resolved(entry["path"])
+    if file in files:
+        return [f"{location.name}: shard paths {files[file]!r} and {entry['path']!r} name the same file"]
+    files[file] = entry["path"]
     where = location.where(entry["path"])
     try:
         fault = location.bytes_fault(entry)
         if fault:
             return [fault]                 # known corrupt: do not parse it further
-        _, _, ids = _open_shard(location.arrow_source(entry["path"]), where, expected)
+        reader, batch_starts, ids = _open_shard(location.arrow_source(entry["path"]), where, expected)
     except CacheError as e:
         return [str(e)]
-    except (pa.ArrowException, OSError, ValueError) as e:
-        return [f"{where}: cannot be read ({e})"]
+    except READ_ERRORS as e:
+        return [f"{where}: cannot be read ({one_line(e)})"]
     faults = []
     if len(ids) != entry["num_samples"]:
         faults.append(f"{where}: holds {len(ids)} samples, the manifest says {entry['num_samples']}")
-    for sample_id in ids:
+    for sample_id in ids.to_pylist():
         if sample_id in owner:
-            faults.append(f"{where}: sample id {sample_id!r} also appears in {owner[sample_id]}")
+            faults.append(f"{where}: sample {sample_id!r}: {schema.SAMPLE_ID} also appears in {owner[sample_id]}")
         owner[sample_id] = entry["path"]
+    if limits is not None:
+        for batch in range(len(batch_starts) - 1):
+            try:
+                decode_batch(reader, batch, batch_starts, where, limits)
+            except CacheError as e:
+                faults.append(str(e))
     return faults
 
 

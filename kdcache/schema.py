@@ -9,6 +9,7 @@ else; the writer (`kdcache.writer`), the reader (`kdcache.reader`), the row code
 
 from __future__ import annotations
 
+import math
 import re
 
 import pyarrow as pa
@@ -49,7 +50,14 @@ TOPK_COLUMNS = {"response": (RESPONSE_TOPK_IDS, RESPONSE_TOPK_LOGPROBS),
 
 SHARD_ENTRY_KEYS = ("path", "num_samples", "num_bytes", "sha256")
 REQUIRED_MANIFEST_KEYS = ("format", "format_version", "topk", "num_samples", "shards")
-
+# What training from a cache reads besides those (kdcache.compat, student_train/train.py, and the
+# row checks' encoding.RowLimits): required by `manifest_faults(..., for_training=True)`. Every
+# cache written by `kdcache dump` has them.
+TRAINING_MANIFEST_KEYS = ("tokenizer", "vocab_size", "image_token_id", "visual_len", "max_length", "temperature",
+                          "relation", "images_embedded", "image_processor")
+# A shard's bytes bound its sample count before anything is allocated for it: a record batch holds at
+# most 4 samples and its metadata alone takes ~1.7 KB (the smallest possible samples cost ~470 B each).
+MIN_SHARD_BYTES_PER_SAMPLE = 64
 
 def shard_schema(k_response: int, k_visual: int) -> pa.Schema:
     """The Arrow schema of every shard of a cache with these top-k sizes (docs/design.md §4, exactly)."""
@@ -91,42 +99,73 @@ def parse_shard_name(name: str) -> tuple[int, int] | None:
     return (int(match.group(1)), int(match.group(2))) if match else None
 
 
-def manifest_faults(manifest: object, source: str) -> list[str]:
-    """Everything wrong with a manifest's format, version and required keys; empty when usable.
+def manifest_faults(manifest: object, source: str, *, for_training: bool = False) -> list[str]:
+    """Everything wrong with a manifest, one line each (naming the key and its value); empty when usable.
 
     The version is checked before the other keys: a newer format may have renamed them, and the
-    useful message then is "upgrade", not "missing key".
+    useful message then is "upgrade", not "missing key". Then: the required keys
+    (`REQUIRED_MANIFEST_KEYS`, plus `TRAINING_MANIFEST_KEYS` with `for_training`), and the type and
+    range of every key a reader, trainer or `kdcache inspect` uses, wherever it is present (a key
+    that only describes the cache may be absent; if present, it must be well formed).
     """
     if not isinstance(manifest, dict):
         return [f"{source}: manifest is not a JSON object"]
     if manifest.get("format") != FORMAT:
-        return [f"{source}: not a kdcache cache (format is {manifest.get('format')!r}, expected {FORMAT!r})"]
+        return [f"{source}: not a kdcache cache (format is {_show(manifest.get('format'))}, expected {FORMAT!r})"]
     version = manifest.get("format_version")
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        return [f"{source}: cache format_version {version!r} is not a valid version "
+        return [f"{source}: cache format_version {_show(version)} is not a valid version "
                 f"(this kdcache reads {FORMAT_VERSION})"]
     if version > FORMAT_VERSION:
         return [f"{source}: cache format_version {version} is newer than this kdcache understands "
                 f"({FORMAT_VERSION}); upgrade kdcache"]
-    faults = [f"{source}: manifest lacks required key {key!r}" for key in REQUIRED_MANIFEST_KEYS if key not in manifest]
-    topk = manifest.get("topk")
-    if "topk" in manifest and not (isinstance(topk, dict) and all(_positive_int(topk.get(r)) for r in ROLES)):
-        faults.append(f"{source}: manifest 'topk' must map 'response' and 'visual' to positive ints, got {topk!r}")
-    if "num_samples" in manifest and not _count(manifest["num_samples"]):
-        faults.append(f"{source}: manifest 'num_samples' must be a non-negative int, got {manifest['num_samples']!r}")
+    required = REQUIRED_MANIFEST_KEYS + (TRAINING_MANIFEST_KEYS if for_training else ())
+    faults = [f"{source}: manifest lacks required key {key!r}" + (" (needed to train from the cache)"
+                                                                  if key in TRAINING_MANIFEST_KEYS else "")
+              for key in required if key not in manifest]
+    for key, (valid, expected) in _MANIFEST_FIELDS.items():
+        if key in manifest and not valid(manifest[key]):
+            faults.append(f"{source}: manifest {key!r} must be {expected}, got {_show(manifest[key])}")
+    vocab = manifest.get("vocab_size")
+    if _size(vocab):
+        for key in ("image_token_id", "pad_token_id", "eos_token_id"):
+            if _count(manifest.get(key)) and manifest[key] >= vocab:
+                faults.append(f"{source}: manifest {key!r} is {manifest[key]}, outside the vocabulary "
+                              f"(vocab_size {vocab})")
+        topk = manifest.get("topk")
+        for role in ROLES if _MANIFEST_FIELDS["topk"][0](topk) else ():
+            if topk[role] > vocab:
+                faults.append(f"{source}: manifest 'topk' {role} is {topk[role]}, more than vocab_size {vocab}")
     shards = manifest.get("shards")
-    if "shards" in manifest and not isinstance(shards, list):
-        faults.append(f"{source}: manifest 'shards' must be a list, got {type(shards).__name__}")
+    seen: dict[str, int] = {}
     for i, entry in enumerate(shards if isinstance(shards, list) else []):
         faults += _shard_entry_faults(entry, f"{source}: manifest shards[{i}]")
+        path = entry.get("path") if isinstance(entry, dict) else None
+        if isinstance(path, str):
+            if path in seen:
+                faults.append(f"{source}: manifest shards[{i}] 'path' {_show(path)} is listed twice "
+                              f"(also shards[{seen[path]}])")
+            seen.setdefault(path, i)
     return faults
 
 
-def check_manifest(manifest: object, source: str) -> None:
+def check_manifest(manifest: object, source: str, *, for_training: bool = False) -> None:
     """Raise CacheError naming every fault of `manifest_faults`."""
-    faults = manifest_faults(manifest, source)
+    faults = manifest_faults(manifest, source, for_training=for_training)
     if faults:
         raise CacheError("; ".join(faults))
+
+
+class Manifest(dict):
+    """A checked manifest (what `CacheReader.manifest` holds): reading a key it lacks with `m[key]`
+    raises a one-line CacheError naming the cache and the key, not a KeyError (`m.get` is unchanged)."""
+
+    def __init__(self, manifest: dict, source: str):
+        super().__init__(manifest)
+        self.source = source
+
+    def __missing__(self, key):
+        raise CacheError(f"{self.source}: manifest lacks key {key!r}")
 
 
 def _shard_entry_faults(entry: object, where: str) -> list[str]:
@@ -134,19 +173,109 @@ def _shard_entry_faults(entry: object, where: str) -> list[str]:
         return [f"{where} is not an object"]
     faults = [f"{where} lacks key {key!r}" for key in SHARD_ENTRY_KEYS if key not in entry]
     if "path" in entry and not isinstance(entry["path"], str):
-        faults.append(f"{where} 'path' must be a string, got {entry['path']!r}")
+        faults.append(f"{where} 'path' must be a string, got {_show(entry['path'])}")
     for key in ("num_samples", "num_bytes"):
         if key in entry and not _count(entry[key]):
-            faults.append(f"{where} {key!r} must be a non-negative int, got {entry[key]!r}")
+            faults.append(f"{where} {key!r} must be a non-negative int, got {_show(entry[key])}")
+    count, size = entry.get("num_samples"), entry.get("num_bytes")
+    if _count(count) and _count(size) and count * MIN_SHARD_BYTES_PER_SAMPLE > size:
+        faults.append(f"{where} claims {count} samples in {size} bytes; a sample takes at least "
+                      f"{MIN_SHARD_BYTES_PER_SAMPLE} bytes of a shard")
     sha = entry.get("sha256")
     if "sha256" in entry and not (isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha)):
-        faults.append(f"{where} 'sha256' must be 64 lowercase hex digits, got {sha!r}")
+        faults.append(f"{where} 'sha256' must be 64 lowercase hex digits, got {_show(sha)}")
     return faults
 
 
-def _count(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+def _show(value: object) -> str:
+    """A manifest value in a one-line message: its repr, cut to 80 characters."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _positive_int(value: object) -> bool:
-    return _count(value) and value > 0
+MAX_COUNT = 2 ** 53            # sample counts and byte sizes beyond this are not plausible
+INT32_MAX = 2 ** 31 - 1        # token ids, k, lengths: stored as int32
+
+
+def _count(value: object, limit: int = MAX_COUNT) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= limit
+
+
+def _positive_int(value: object, limit: int = MAX_COUNT) -> bool:
+    return _count(value, limit) and value > 0
+
+
+def _token_id(value: object) -> bool:
+    return _count(value, INT32_MAX)
+
+
+def _size(value: object) -> bool:
+    """A positive int that fits the int32 columns (k, vocabulary, lengths)."""
+    return _positive_int(value, INT32_MAX)
+
+
+def _int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _optional(test):
+    return lambda value: value is None or test(value)
+
+
+def _text(value: object) -> bool:
+    return isinstance(value, str)
+
+
+def _object(**keys):
+    """A JSON object whose listed keys, where present, pass their tests (other keys are free)."""
+    return lambda value: isinstance(value, dict) and all(test(value[k]) for k, test in keys.items() if k in value)
+
+
+def _per_role(test):
+    return lambda value: isinstance(value, dict) and all(role in value and test(value[role]) for role in ROLES)
+
+
+def _list_of(test):
+    return lambda value: isinstance(value, list) and all(test(item) for item in value)
+
+
+_STATS_NUMBER = _optional(lambda v: _number(v) and v >= 0)
+
+# key -> (test, what it must be): every manifest key a reader, trainer or `kdcache inspect` uses
+_MANIFEST_FIELDS = {
+    "topk": (_per_role(_size), "an object mapping 'response' and 'visual' to positive ints"),
+    "temperature": (_per_role(lambda v: _number(v) and v > 0),
+                    "an object mapping 'response' and 'visual' to finite numbers > 0"),
+    "num_samples": (_count, "a non-negative int"),
+    "shards": (lambda v: isinstance(v, list), "a list"),
+    "vocab_size": (_size, "a positive int"),
+    "image_token_id": (_token_id, "a non-negative int"),
+    "pad_token_id": (_token_id, "a non-negative int"),
+    "eos_token_id": (_token_id, "a non-negative int"),
+    "visual_len": (_size, "a positive int"),
+    "max_length": (_size, "a positive int"),
+    "world_size": (_size, "a positive int"),
+    "relation": (lambda v: isinstance(v, bool), "true or false"),
+    "images_embedded": (lambda v: isinstance(v, bool), "true or false"),
+    "tokenizer": (lambda v: isinstance(v, dict) and _text(v.get("fingerprint")) and _object(**{"class": _text})(v),
+                  "an object with a string 'fingerprint'"),
+    "teacher": (_object(source=_optional(_text), revision=_optional(_text), config_hash=_optional(_text),
+                        dtype=_optional(_text)), "an object of strings"),
+    "dataset": (_object(source=_optional(_text), images=_optional(_text), fingerprint=_optional(_text),
+                        max_samples=_optional(_count)), "an object (source, images, fingerprint: strings)"),
+    "image_processor": (lambda v: isinstance(v, dict), "an object"),
+    "template": (_text, "a string"),
+    "kdcache_version": (_text, "a string"),
+    "created": (_text, "a string"),
+    "skipped": (_list_of(_object(sample_id=_text, reason=_text)), "a list of {sample_id, reason} strings"),
+    "stats": (_object(num_bytes=_STATS_NUMBER, bytes_per_sample=_STATS_NUMBER, bytes_per_token=_STATS_NUMBER,
+                      tokens=_STATS_NUMBER, samples_with_image=_STATS_NUMBER, samples_with_relation=_STATS_NUMBER,
+                      image_bytes=_STATS_NUMBER,
+                      rows=_object(response=_STATS_NUMBER, visual=_STATS_NUMBER),
+                      mean_tail_mass=_object(response=_STATS_NUMBER, visual=_STATS_NUMBER)),
+              "an object of non-negative numbers"),
+}
