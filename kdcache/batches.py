@@ -54,8 +54,10 @@ class CacheDataset(Dataset):
     sha256. The reader pickles without its open shards, so the dataset goes to workers as it is.
     """
 
-    def __init__(self, reader, image_processor, *, images: str | Path | None = None, with_targets: bool = True):
+    def __init__(self, reader, image_processor, *, images: str | Path | None = None, with_targets: bool = True,
+                 image_limits: dict | None = None):
         self.reader = reader if isinstance(reader, CacheReader) else CacheReader(reader)
+        self.image_limits = image_limits or {}         # samples.load_image's max_bytes / max_pixels
         self.cache = self.reader.cache
         self.shard_sizes = [int(shard["num_samples"]) for shard in self.reader.shards]
         self.image_processor = image_processor
@@ -78,7 +80,7 @@ class CacheDataset(Dataset):
         data = row[schema.IMAGE]
         if data is None:
             data = self._external_image_bytes(row, sample_id)
-        image = samples.decode_image(data, sample_id)
+        image = samples.decode_image(data, sample_id, **self.image_limits)
         return samples.pixel_values([image], self.image_processor)[0]                 # (3, S, S)
 
     def _external_image_bytes(self, row: dict, sample_id: str) -> bytes:
@@ -87,7 +89,8 @@ class CacheDataset(Dataset):
         if sample_id not in self._image_files:
             raise SampleError(sample_id, f"not in the dataset file the cache {self.cache} was dumped from")
         record = samples.Record(sample_id, self._image_files[sample_id], [])
-        data = samples.read_image_bytes(self._images_dir, record)
+        data = samples.read_image_bytes(self._images_dir, record,
+                                        max_bytes=self.image_limits.get("max_bytes", samples.MAX_IMAGE_BYTES))
         expected = row[schema.IMAGE_SHA256]
         if expected is not None and hashlib.sha256(data).digest() != expected:
             raise SampleError(sample_id, f"image {record.image!r} in {self._images_dir} differs from the one "
@@ -104,8 +107,10 @@ class JsonDataset(Dataset):
     """
 
     def __init__(self, data: str | Path, images: str | Path | None, tokenizer, image_processor, *,
-                 template: str, image_token_id: int, visual_len: int, max_length: int | None = None):
+                 template: str, image_token_id: int, visual_len: int, max_length: int | None = None,
+                 image_limits: dict | None = None):
         self.records = samples.load_records(data)
+        self.image_limits = image_limits or {}         # samples.load_image's max_bytes / max_pixels
         self.images_dir = Path(images) if images is not None else None
         self.tokenizer, self.image_processor = tokenizer, image_processor
         self.template, self.image_token_id = template, int(image_token_id)
@@ -119,7 +124,7 @@ class JsonDataset(Dataset):
         record = self.records[int(index)]
         pixel_values = None
         if record.image is not None:
-            _, image = samples.load_image(self.images_dir, record)
+            _, image = samples.load_image(self.images_dir, record, **self.image_limits)
             pixel_values = samples.pixel_values([image], self.image_processor)[0]       # (3, S, S)
         sequence = templates.build_sequence(
             record.conversations, self.tokenizer, template=self.template, image_token_id=self.image_token_id,

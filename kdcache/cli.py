@@ -4,7 +4,7 @@
 type, help, choices and default are declared once, in its dataclass, and turned into a typer option
 here (`config_command`). A YAML file (`--config`) gives values below the flags.
 
-Known errors (KdcacheError) print one line and exit 1; set KDCACHE_DEBUG=1 for the traceback.
+Known errors (KdcacheError) and OS errors print one line and exit 1; set KDCACHE_DEBUG=1 for the traceback.
 """
 
 from __future__ import annotations
@@ -28,7 +28,12 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=N
 
 
 def clean_errors(fn):
-    """Turn known errors into one clean line and a non-zero exit."""
+    """Turn known errors and OS errors into one clean line and exit 1 (KDCACHE_DEBUG=1: the traceback).
+
+    A KdcacheError prints its message (for one re-raised from a DataLoader worker, the worker's
+    original message), collapsed to one line; an OSError (disk full, read-only or missing folder, a
+    file where a folder is expected) prints ``<path>: <reason>``.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -36,14 +41,23 @@ def clean_errors(fn):
 
         try:
             return fn(*args, **kwargs)
-        except KdcacheError as e:
+        except (KdcacheError, OSError) as e:
             if os.environ.get("KDCACHE_DEBUG"):
                 raise
-            # Errors re-raised from DataLoader workers carry the worker's traceback: keep its last line.
-            typer.echo(f"error: {str(e).strip().splitlines()[-1]}", err=True)
+            typer.echo(f"error: {error_line(e)}", err=True)
             raise typer.Exit(1)
 
     return wrapper
+
+
+def error_line(e: BaseException) -> str:
+    """The one line `clean_errors` prints for `e` (without the ``error:`` prefix)."""
+    from kdcache.errors import one_line
+
+    if isinstance(e, OSError) and e.strerror:
+        paths = [str(p) for p in (e.filename, e.filename2) if p is not None]
+        return one_line(f"{' -> '.join(paths)}: {e.strerror}" if paths else e.strerror)
+    return one_line(str(e)) or type(e).__name__
 
 
 class Shorthand(NamedTuple):
@@ -173,13 +187,16 @@ def inspect_cache(cache: str = typer.Argument(..., help="Cache directory or fssp
     typer.echo(describe_cache(cache))
 
 
-@app.command(epilog="Examples:\n\n  kdcache verify cache/ && echo ok")
+@app.command(epilog="Examples:\n\n  kdcache verify cache/ && echo ok\n\n  kdcache verify --quick s3://bucket/caches/llava-kd-4b")
 @clean_errors
-def verify(cache: str = typer.Argument(..., help="Cache directory or fsspec URL.")):
-    """Check checksums, schema, counts and path safety; exit non-zero naming each fault."""
+def verify(cache: str = typer.Argument(..., help="Cache directory or fsspec URL."),
+           quick: bool = typer.Option(False, "--quick", help="Checksums, schema, sample ids and counts only; "
+                                                              "do not decode and check every row.")):
+    """Check the manifest, checksums, schema, sample ids, counts, path safety and (unless --quick) every
+    row, as training would read it; print one line per fault and exit non-zero on any."""
     from kdcache.reader import verify_cache
 
-    faults = verify_cache(cache)
+    faults = verify_cache(cache, quick=quick)
     for fault in faults:
         typer.echo(f"FAULT: {fault}", err=True)
     if faults:

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -26,6 +28,13 @@ C = TypeVar("C")
 
 # The --dtype names (`models.resolve_dtype` maps them to torch dtypes); declared here, torch-free, for the configs.
 DTypeName = Literal["auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"]
+
+# Limits on one dataset or cache image, the defaults of both jobs' `max_image_mb` / `max_image_pixels` and of
+# `kdcache.samples` (declared here, torch-free, for the configs). 50 M pixels decode to 150 MB of RGB.
+MAX_IMAGE_MB = 64.0
+MAX_IMAGE_PIXELS = 50_000_000
+# The --device values: auto, or a torch device type with an optional index (checked before torch is imported).
+DEVICE_PATTERN = r"auto|cpu|mps|(cuda|xpu|npu|hpu)(:\d+)?"
 
 
 def load_yaml(path: str | Path | None) -> dict[str, Any]:
@@ -95,10 +104,13 @@ def check_choice(name: str, value: Any, choices: tuple) -> None:
 
 
 def check_fields(config: Any) -> None:
-    """Refuse a field value outside its Literal, its numeric type or its declared range.
+    """Refuse a field value outside its Literal, its type or its declared range.
 
-    Call it first in a config's ``__post_init__``. None means "unset" and is not checked: a field
-    that may be None says so in its type.
+    Numbers: the type (an int is a fine float, a bool is only a bool), finite (NaN always refused,
+    infinity unless the field's metadata says ``allow_inf``), then ``ge`` / ``gt`` / ``le`` from the
+    metadata. Text: a non-empty string without NUL characters, matching ``pattern`` if the metadata
+    has one. Call it first in a config's ``__post_init__``. None means "unset" and is not checked: a
+    field that may be None says so in its type.
     """
     hints = field_types(type(config))
     for f in dataclasses.fields(config):
@@ -111,6 +123,8 @@ def check_fields(config: Any) -> None:
             check_choice(f.name, value, choices)
         elif tp in (bool, int, float):
             _check_number(f.name, value, tp, f.metadata)
+        elif tp is str:
+            _check_text(f.name, value, f.metadata)
 
 
 def _check_number(name: str, value: Any, tp: type, metadata: Any) -> None:
@@ -119,10 +133,31 @@ def _check_number(name: str, value: Any, tp: type, metadata: Any) -> None:
     if isinstance(value, bool) != (tp is bool) or not isinstance(value, accepted):
         hint = " (YAML reads 1e-3 as text: write 1.0e-3)" if isinstance(value, str) else ""
         raise KdcacheError(f"{name} must be a {tp.__name__}, got {value!r}{hint}")
+    if tp is float:
+        try:
+            as_float = float(value)
+        except OverflowError:                       # an int too large for a float
+            raise KdcacheError(f"{name} must be a finite number, got {value}") from None
+        if math.isnan(as_float) or (math.isinf(as_float) and not metadata.get("allow_inf", False)):
+            raise KdcacheError(f"{name} must be a finite number, got {value}")
     if "ge" in metadata and value < metadata["ge"]:
         raise KdcacheError(f"{name} must be >= {metadata['ge']}, got {value}")
     if "gt" in metadata and value <= metadata["gt"]:
         raise KdcacheError(f"{name} must be > {metadata['gt']}, got {value}")
+    if "le" in metadata and value > metadata["le"]:
+        raise KdcacheError(f"{name} must be <= {metadata['le']}, got {value}")
+
+
+def _check_text(name: str, value: Any, metadata: Any) -> None:
+    if not isinstance(value, str):
+        raise KdcacheError(f"{name} must be text, got {value!r}")
+    if not value.strip():
+        raise KdcacheError(f"{name} must not be empty")
+    if "\x00" in value:
+        raise KdcacheError(f"{name} must not contain a NUL character, got {value!r}")
+    pattern = metadata.get("pattern")
+    if pattern is not None and not re.fullmatch(pattern, value):
+        raise KdcacheError(f"unknown {name} {value!r}; expected {metadata.get('pattern_help', pattern)}")
 
 
 def show(value: Any) -> str:

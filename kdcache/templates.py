@@ -44,8 +44,9 @@ def build_sequence(conversations: list[dict], tokenizer, *, template: str, image
 
     `conversations` alternates ``{"from": "human"}`` / ``{"from": "gpt"}`` turns (LLaVA format) and
     ends with a gpt turn. ``plain`` uses only the first answer (the caption). Raises SampleError for
-    an empty conversation, roles that do not alternate, ``<image>`` in a sample without image, a
-    sequence with nothing to supervise, or one longer than `max_length` tokens.
+    an empty or malformed conversation, roles that do not alternate, text that is not a string or
+    not valid UTF-8, ``<image>`` in an answer or in a sample without image, a sequence with nothing
+    to supervise, or one longer than `max_length` tokens.
     """
     turns = _checked_turns(conversations, sample_id, has_image, complete=True)
     segments = _segments(turns, tokenizer, template=template, image_token_id=image_token_id,
@@ -62,7 +63,12 @@ def build_sequence(conversations: list[dict], tokenizer, *, template: str, image
     if max_length is not None and len(input_ids) > max_length:
         raise SampleError(sample_id, f"sequence of {len(input_ids)} tokens exceeds max_length {max_length}")
     visual_start = _visual_start(template, tokenizer) if has_image else 0
-    assert not has_image or input_ids[visual_start: visual_start + visual_len] == [image_token_id] * visual_len
+    image_tokens = input_ids.count(image_token_id)
+    expected = visual_len if has_image else 0
+    if image_tokens != expected or input_ids[visual_start: visual_start + expected] != [image_token_id] * expected:
+        # The template put the image tokens in place; any other one came from the text (a special token in it).
+        raise SampleError(sample_id, f"the text tokenises to the image token (id {image_token_id}): "
+                                     f"{image_tokens} image tokens where {expected} were expected")
     return Sequence(input_ids, response_rows, visual_start, visual_len if has_image else 0)
 
 
@@ -86,21 +92,36 @@ def build_prompt(conversations_so_far: list[dict], question: str, tokenizer, *, 
 
 
 def _checked_turns(conversations, sample_id: str, has_image: bool, *, complete: bool) -> list[tuple[str, str]]:
-    """(role, text) pairs; `<image>` removed from every question and put before the first one."""
-    if not isinstance(conversations, list) or not conversations:
+    """(role, text) pairs; `<image>` removed from every question and put before the first one.
+
+    The conversation comes from an untrusted dataset: every turn's text must be a string that
+    encodes as UTF-8 (no unpaired surrogate), and `<image>` may appear only in human turns of a
+    sample with an image. The SampleError names the sample and the turn.
+    """
+    if not isinstance(conversations, list):
+        raise SampleError(sample_id, f"'conversations' must be a list of turns, got {type(conversations).__name__}")
+    if not conversations:
         raise SampleError(sample_id, "empty conversation")
     turns = []
     for i, turn in enumerate(conversations):
         expected = HUMAN if i % 2 == 0 else GPT
         role = turn.get("from") if isinstance(turn, dict) else None
         if role != expected:
-            raise SampleError(sample_id, f"turn {i} is from {role!r}, expected {expected!r} "
+            raise SampleError(sample_id, f"turn {i} is from {_short(role)}, expected {expected!r} "
                                          "(turns must alternate human/gpt, starting with human)")
         value = turn.get("value")
         if not isinstance(value, str):
             raise SampleError(sample_id, f"turn {i} has no text 'value' (got {type(value).__name__})")
-        if IMAGE_TOKEN in value and not has_image:
-            raise SampleError(sample_id, f"turn {i} contains {IMAGE_TOKEN} but the sample has no image")
+        bad = _first_unencodable(value)
+        if bad is not None:
+            raise SampleError(sample_id, f"turn {i} ({role}) is not valid text: unpaired surrogate "
+                                         f"{value[bad]!r} at character {bad}")
+        if IMAGE_TOKEN in value:
+            if role != HUMAN:
+                raise SampleError(sample_id, f"turn {i} ({role}) contains {IMAGE_TOKEN}: the image placeholder "
+                                             "may only appear in a human turn")
+            if not has_image:
+                raise SampleError(sample_id, f"turn {i} contains {IMAGE_TOKEN} but the sample has no image")
         turns.append((role, value))
     if complete and turns[-1][0] != GPT:
         raise SampleError(sample_id, f"the last turn is from {HUMAN!r}: it has no answer to supervise")
@@ -108,6 +129,20 @@ def _checked_turns(conversations, sample_id: str, has_image: bool, *, complete: 
     turns = [(role, text.replace(IMAGE_TOKEN, "").strip() if role == HUMAN and IMAGE_TOKEN in text else text)
              for role, text in turns]
     return turns
+
+
+def _first_unencodable(text: str) -> int | None:
+    """Index of the first character UTF-8 cannot encode (an unpaired surrogate), None if there is none."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return e.start
+    return None
+
+
+def _short(value, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _segments(turns: list[tuple[str, str]], tokenizer, *, template: str, image_token_id: int, visual_len: int,

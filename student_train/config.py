@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal, NamedTuple, get_args
 
-from kdcache.config import check_fields
+from kdcache.config import DEVICE_PATTERN, MAX_IMAGE_MB, MAX_IMAGE_PIXELS, check_fields
 from kdcache.errors import KdcacheError
 from kdcache.templates import TemplateName
 
@@ -65,7 +65,7 @@ class TrainConfig:
     epochs: int = field(default=1, metadata={"help": "Epochs.", "ge": 1})
     max_steps: int | None = field(default=None, metadata={"help": "Stop after N optimizer steps.", "ge": 1})
     warmup_ratio: float = field(default=0.03, metadata={"help": "Fraction of the steps spent warming up the lr.",
-                                                        "ge": 0})
+                                                        "ge": 0, "le": 1})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay.", "ge": 0})
     clip_grad: float | None = field(default=None, metadata={
         "help": "Clip the gradient norm to this value.", "shown_default": "off, as in the paper's code", "gt": 0})
@@ -79,9 +79,14 @@ class TrainConfig:
     chunk_rows: int = field(default=512, metadata={"help": "Rows per LM-head chunk in the losses.", "ge": 1})
     grad_checkpointing: bool = field(default=False, metadata={"help": "Recompute LLM activations in backward."})
     fsdp: bool = field(default=False, metadata={"help": "Shard the student with FSDP instead of DDP."})
-    seed: int = field(default=0, metadata={"help": "Seed for init and data order."})
-    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda."})
+    seed: int = field(default=0, metadata={"help": "Seed for init and data order.", "ge": 0, "le": 2**64 - 1})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda.", "pattern": DEVICE_PATTERN,
+                                                  "pattern_help": "auto, cpu, cuda or cuda:N"})
     num_workers: int = field(default=2, metadata={"help": "DataLoader workers.", "ge": 0})
+    max_image_mb: float = field(default=MAX_IMAGE_MB, metadata={
+        "help": "Largest image read (dataset file or cache-embedded), in MB; a larger one stops the run.", "gt": 0})
+    max_image_pixels: int = field(default=MAX_IMAGE_PIXELS, metadata={
+        "help": "Most pixels (width x height) an image may have; a larger one stops the run.", "ge": 1})
     save_every: int = field(default=500, metadata={
         "help": "Optimizer steps between checkpoints (and one at the end).", "ge": 1})
     log_every: int = field(default=1, metadata={"help": "Optimizer steps between metric lines.", "ge": 1})

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from kdcache.config import DTypeName, check_fields
+from kdcache.config import DEVICE_PATTERN, MAX_IMAGE_MB, MAX_IMAGE_PIXELS, DTypeName, check_fields
 from kdcache.templates import TemplateName
 
 
@@ -31,11 +31,16 @@ class DumpConfig:
     max_samples: int | None = field(default=None, metadata={"help": "Dump only the first N samples.", "ge": 1})
     max_length: int = field(default=2048, metadata={"help": "Longest sequence allowed, in tokens.", "ge": 1})
     shard_size_mb: float = field(default=512.0, metadata={"help": "Target shard size in MB.", "gt": 0})
-    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N."})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N.", "pattern": DEVICE_PATTERN,
+                                                  "pattern_help": "auto, cpu, cuda or cuda:N"})
     dtype: DTypeName = field(default="auto", metadata={
         "help": "Teacher dtype; auto is bfloat16 on a GPU that supports it, float32 elsewhere."})
     chunk_rows: int = field(default=256, metadata={"help": "Rows per LM-head chunk in top-k extraction.", "ge": 1})
     skip_bad: bool = field(default=False, metadata={"help": "Skip bad samples, listing them in the manifest."})
+    max_image_mb: float = field(default=MAX_IMAGE_MB, metadata={
+        "help": "Largest image file read, in MB; a larger one is a bad sample.", "gt": 0})
+    max_image_pixels: int = field(default=MAX_IMAGE_PIXELS, metadata={
+        "help": "Most pixels (width x height) an image may have; a larger one is a bad sample.", "ge": 1})
     allow_untrained: bool = field(default=False, metadata={
         "help": "Dump a teacher whose projector was never trained."})
     resume: bool = field(default=True, metadata={

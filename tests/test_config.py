@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import sys
-import types
 
 import pytest
 from typer.testing import CliRunner
@@ -29,21 +27,6 @@ def help_of(command: str) -> str:
 
 def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
-
-
-@pytest.fixture
-def jobs(monkeypatch):
-    """Replace the dump and train jobs by ones that record their config.
-
-    The CLI imports `teacher_dump.dump` / `student_train.train` lazily, so stand-in modules in
-    sys.modules are what it finds: parsing is tested without torch or a model.
-    """
-    seen: dict[str, object] = {}
-    for module, name in (("teacher_dump.dump", "dump"), ("student_train.train", "train")):
-        stub = types.ModuleType(module)
-        setattr(stub, name, lambda cfg, name=name: seen.setdefault(name, cfg) and None)
-        monkeypatch.setitem(sys.modules, module, stub)
-    return seen
 
 
 def run(command: str, *args: str):
