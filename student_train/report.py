@@ -6,6 +6,8 @@ import json
 import time
 from pathlib import Path
 
+from kdcache.errors import KdcacheError
+
 COMPONENTS = ("loss", "ce", "kl_response", "kl_visual", "relation")
 
 
@@ -13,8 +15,9 @@ class MetricsLog:
     """RUN/metrics.jsonl, appended one JSON line per logged optimizer step (rank 0 only).
 
     Opened at `step` (0, or the checkpoint a run resumes from), it first drops the lines a killed
-    run wrote after that step, so a resumed run never has two lines for one step. `samples_per_step`
-    (global) gives the throughput since the run (re)started.
+    run wrote after that step, so a resumed run never has two lines for one step, and a last line the
+    kill cut short (`kept_lines`). `samples_per_step` (global) gives the throughput since the run
+    (re)started.
     """
 
     def __init__(self, path: Path, *, step: int, samples_per_step: int, enabled: bool = True):
@@ -23,7 +26,7 @@ class MetricsLog:
         self.file = None
         if enabled:
             if self.path.exists():
-                kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+                kept = kept_lines(self.path, step)
                 self.path.write_text("".join(line + "\n" for line in kept))
             self.file = open(self.path, "a")
 
@@ -43,6 +46,32 @@ class MetricsLog:
         if self.file is not None:
             self.file.close()
             self.file = None
+
+
+def kept_lines(path: Path, step: int) -> list[str]:
+    """The lines of metrics.jsonl for steps <= `step`.
+
+    A last line that is not a whole record (a run killed while writing it) is dropped; a bad line
+    before the last is not something a kill leaves, and is refused naming it.
+    """
+    lines = Path(path).read_text(errors="replace").splitlines()
+    last = max((n for n, line in enumerate(lines, start=1) if line.strip()), default=0)
+    kept = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record_step = json.loads(line)["step"]
+            if not isinstance(record_step, int):
+                raise TypeError(f"step {record_step!r} is not an int")
+        except (ValueError, KeyError, TypeError) as e:
+            if number == last:
+                break                                   # cut short by a kill: the resumed run writes it again
+            raise KdcacheError(f"{path} line {number} is not a metrics record ({' '.join(str(e).split())}); "
+                               "delete that line, then resume again") from None
+        if record_step <= step:
+            kept.append(line)
+    return kept
 
 
 def plot_metrics(metrics: Path, out: Path, *, title: str = "") -> None:

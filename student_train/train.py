@@ -7,6 +7,13 @@ is wrapped in DDP (or FSDP with --fsdp) and the sampler gives every rank the sam
 samples. Stage defaults (lr, global batch, template, gradient accumulation) are resolved by
 `TrainConfig.resolve`; the loader counts the samples it handed out, so the loop keeps no data
 bookkeeping (docs/design.md §6, §7).
+
+Hostile conditions (docs/design.md §8): the run directory is locked for the run's lifetime
+(`kdcache.lock`); a non-finite loss, gradient norm or updated parameter stops the run with a
+one-line error before anything is saved from it; a resumed run must have the settings recorded
+in RUN/run.json at its first start (`student_train.run_record`); OS errors of the run's own writes
+(disk full, read-only or unwritable --out) are one-line errors naming the path (`lock.storage_errors`
+around the whole job).
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from kdcache import compat, config as configs, distributed, losses, models, targets
+from kdcache import compat, distributed, lock, losses, models, samples, targets
 from kdcache.batches import CacheDataset, JsonDataset, StatefulLoader
 from kdcache.errors import KdcacheError
 from kdcache.reader import CacheReader
@@ -27,6 +34,9 @@ from kdcache.sampler import ResumableSampler
 from student_train import checkpoint
 from student_train.config import TrainConfig
 from student_train.report import MetricsLog, plot_metrics
+from student_train.run_record import check_resumed_settings, record_run, run_settings
+
+NONFINITE = "nonfinite"        # a flag summed over ranks with the step's metrics
 
 
 class StudentLoss(torch.nn.Module):
@@ -46,26 +56,42 @@ class StudentLoss(torch.nn.Module):
             hidden = models.final_hidden_states(self.model, batch["input_ids"], batch["attention_mask"],
                                                 batch["pixel_values"])                      # (B, T, D)
         weight = 1.0 if self.cfg.distills else 0.0          # pt / sft: CE only
-        return losses.distill_loss(
+        out = losses.distill_loss(
             hidden, models.lm_head_weight(self.model), batch,
             alpha=weight * self.cfg.alpha, beta=weight * self.cfg.beta, gamma=weight * self.cfg.gamma,
             temperature_response=self.temperatures["response"], temperature_visual=self.temperatures["visual"],
             tail=self.cfg.tail, loss_norm=self.cfg.loss_norm, chunk_rows=self.cfg.chunk_rows, gram=self.gram)
+        if torch.is_grad_enabled() and not out["loss"].requires_grad:
+            # A micro-batch without images never reaches the projector, pt/dpt's only trainable part: its
+            # gradient is zero. A zero term keeps backward (and DDP's all-reduce) the same for every micro-batch.
+            out["loss"] = out["loss"] + 0.0 * sum(p.sum() for p in self.parameters() if p.requires_grad)
+        return out
 
 
 def train(cfg: TrainConfig) -> Path | None:
     """Run one stage; returns RUN/final on rank 0 (None on other ranks)."""
-    # --- setup: process group, resolved config, student, data, optimizer, resume
+    # --- setup: process group, resolved config, run directory (locked), student, data, optimizer, resume
     topo = distributed.topology()
     device = join_process_group(cfg, topo)
     torch.manual_seed(cfg.seed)
     cfg = cfg.resolve(topo.world_size)
     run_dir = Path(cfg.out)
-    refuse_used_run_dir(run_dir, cfg)
-    distributed.barrier()                             # every rank checks before rank 0 creates files in it
+    settings: dict = {}                               # rank 0: what RUN/run.json records (or must match)
+
+    def check_run_dir() -> None:                      # rank 0, holding the lock, before anything is written
+        refuse_used_run_dir(run_dir, cfg)
+        settings.update(run_settings(cfg, topo.world_size))
+        check_resumed_settings(run_dir, cfg, settings)
+
+    with lock.storage_errors(run_dir), lock.job_lock(run_dir, job="train", is_main=topo.is_main, check=check_run_dir):
+        return run_stage(cfg, topo, device, run_dir, settings)
+
+
+def run_stage(cfg: TrainConfig, topo, device: torch.device, run_dir: Path, settings: dict) -> Path | None:
+    """setup -> loop -> finalize, in a checked and locked run directory."""
     bundle = models.load_bundle(cfg.student, trust_remote_code=cfg.trust_remote_code)
     model = prepare_student(bundle.model.to(device), cfg)
-    loader, temperatures, total_steps = setup_data(cfg, bundle, topo)
+    loader, temperatures, total_steps = setup_data(cfg, bundle, topo, settings)
     student_loss = StudentLoss(model, cfg, temperatures, frozen_head_gram(model, cfg))
     wrapped = distribute(student_loss, cfg, topo, device)          # FSDP shards before the optimizer sees params
     trainable = [p for p in student_loss.parameters() if p.requires_grad]
@@ -78,27 +104,22 @@ def train(cfg: TrainConfig) -> Path | None:
     bar = tqdm(total=total_steps, initial=step, unit="step", disable=not (cfg.progress and topo.is_main),
                desc=f"{cfg.stage} {run_dir.name}")
     while step < total_steps:
-        parts: dict[str, float] = {}
-        for micro in range(cfg.grad_accum):
-            batch = to_device(next(loader), device)
-            with grad_sync(wrapped, micro == cfg.grad_accum - 1):  # DDP all-reduces on the last micro-batch only
-                out = wrapped(batch)
-                (out["loss"] / cfg.grad_accum).backward()
-            for name, value in out.items():
-                parts[name] = parts.get(name, 0.0) + float(value.detach()) / cfg.grad_accum
-        parts = mean_over_ranks(parts, device)
+        parts, bad, sample_ids = accumulate_gradients(wrapped, loader, cfg, device)
+        norm = gradient_norm(trainable, cfg.clip_grad)              # clips to --clip-grad when set
+        if bad is None and not math.isfinite(norm):
+            bad = f"gradient norm ({norm}) over samples {describe_ids(sample_ids)}"
+        parts = mean_over_ranks({**parts, NONFINITE: float(bad is not None)}, device)
+        if parts.pop(NONFINITE) > 0:                                # every rank sees the same flag
+            stop_non_finite(step + 1, bad, run_dir)
         lr = scheduler.get_last_lr()[0]
-        if cfg.clip_grad is not None:
-            torch.nn.utils.clip_grad_norm_(trainable, cfg.clip_grad)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        apply_update(optimizer, scheduler, step + 1, cfg, run_dir)
         step += 1
         if step % cfg.log_every == 0 or step == total_steps:
             log.write(step, parts, lr=lr, samples_seen=loader.state_dict()["samples_seen"])
         bar.update(1)
         bar.set_postfix(loss=f"{parts['loss']:.4f}", lr=f"{lr:.2e}", samples_s=f"{log.rate(step):.1f}")
         if step % cfg.save_every == 0 or step == total_steps:
+            refuse_non_finite_parameters(trainable, step, run_dir, device)
             checkpoint.save_checkpoint(run_dir, step, student_loss, optimizer,
                                        {"scheduler": scheduler.state_dict(), "sampler": loader.state_dict()},
                                        write=topo.is_main)
@@ -126,9 +147,13 @@ def join_process_group(cfg: TrainConfig, topo) -> torch.device:
 
 
 def refuse_used_run_dir(run_dir: Path, cfg: TrainConfig) -> None:
-    """Never overwrite another run: a non-empty RUN/ is continued with --resume or refused."""
-    if run_dir.exists() and any(run_dir.iterdir()) and not cfg.resume:
+    """Never overwrite another run: a non-empty RUN/ is continued with --resume or refused.
+
+    The lock file (`kdcache.lock.LOCK_NAME`, this run's or a killed run's) is not content.
+    """
+    if run_dir.is_dir() and lock.entries(run_dir) and not cfg.resume:
         raise KdcacheError(f"{run_dir} is not empty; pass --resume to continue it or choose another --out")
+
 
 
 def prepare_student(model, cfg: TrainConfig):
@@ -157,27 +182,29 @@ def set_trainable(model, parts: tuple[str, ...]) -> None:
 def build_dataset(cfg: TrainConfig, bundle: models.Bundle):
     """The stage's dataset and the temperatures its targets were made at."""
     if cfg.cache is not None:
-        reader = CacheReader(cfg.cache, verify=True)
+        reader = CacheReader(cfg.cache, verify=True, for_training=True)
         compat.check_student_matches_cache(reader.manifest, bundle, cfg.cache)
         if cfg.distills and cfg.gamma > 0 and not reader.manifest.get("relation", True):
             raise KdcacheError(f"cache {cfg.cache} was dumped with --no-relation; pass --gamma 0 to train without RDist")
-        dataset = CacheDataset(reader, bundle.image_processor, images=cfg.images, with_targets=cfg.distills)
+        dataset = CacheDataset(reader, bundle.image_processor, images=cfg.images, with_targets=cfg.distills,
+                               image_limits=samples.image_limits(cfg))
         return dataset, reader.manifest["temperature"]
     dataset = JsonDataset(cfg.data, cfg.images, bundle.tokenizer, bundle.image_processor,
                           template=cfg.template, image_token_id=bundle.model.config.image_token_id,
-                          visual_len=models.visual_len_of(bundle.model.config), max_length=cfg.max_length)
+                          visual_len=models.visual_len_of(bundle.model.config), max_length=cfg.max_length,
+                          image_limits=samples.image_limits(cfg))
     return dataset, {"response": 1.0, "visual": 1.0}
 
 
-def setup_data(cfg: TrainConfig, bundle: models.Bundle, topo) -> tuple[StatefulLoader, dict, int]:
+def setup_data(cfg: TrainConfig, bundle: models.Bundle, topo, settings: dict) -> tuple[StatefulLoader, dict, int]:
     """The loader over the stage's data, the targets' temperatures and the run's optimizer steps.
 
-    Once the inputs are known to be valid, rank 0 creates the run directory and saves the resolved config.
+    Once the inputs are known to be valid, rank 0 records a first start (`record_run`).
     """
     dataset, temperatures = build_dataset(cfg, bundle)
     if topo.is_main:
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
-        configs.save_yaml(cfg, Path(cfg.out) / "config.yaml")
+        record_run(Path(cfg.out), cfg, settings, topo.world_size)
     distributed.barrier()
     per_rank_step = cfg.batch_size * cfg.grad_accum   # samples one rank consumes per optimizer step
     sampler = ResumableSampler(dataset.shard_sizes, seed=cfg.seed, rank=topo.rank, world_size=topo.world_size,
@@ -194,8 +221,12 @@ def count_steps(cfg: TrainConfig, steps_per_epoch: int, num_samples: int, world_
     if cfg.max_steps is not None:
         total = min(total, cfg.max_steps)
     if total < 1:
-        raise KdcacheError(f"{num_samples} samples make no full optimizer step of "
-                           f"{cfg.batch_size} x {cfg.grad_accum} x {world_size}; lower --batch-size/--global-batch")
+        source = cfg.cache if cfg.cache is not None else cfg.data
+        if num_samples == 0:
+            raise KdcacheError(f"{source} holds no samples: there is nothing to train on")
+        raise KdcacheError(f"{source} holds {num_samples} samples, too few for one optimizer step of "
+                           f"{cfg.batch_size} x {cfg.grad_accum} x {world_size} (batch size x gradient "
+                           "accumulation x ranks); lower --batch-size/--global-batch")
     return total
 
 
@@ -264,6 +295,43 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
 # --- loop steps
 
 
+def accumulate_gradients(wrapped: torch.nn.Module, loader: StatefulLoader, cfg: TrainConfig, device: torch.device):
+    """Forward and backward over the step's `grad_accum` micro-batches.
+
+    Returns the loss components averaged over the micro-batches, this rank's first non-finite loss
+    (a description, or None) and the step's sample ids (for the error that names them).
+    """
+    parts: dict[str, float] = {}
+    bad, sample_ids = None, []
+    for micro in range(cfg.grad_accum):
+        batch = to_device(next(loader), device)
+        sample_ids += batch["sample_id"]
+        with grad_sync(wrapped, micro == cfg.grad_accum - 1):      # DDP all-reduces on the last micro-batch only
+            out = wrapped(batch)
+            (out["loss"] / cfg.grad_accum).backward()
+        values = {name: float(value.detach()) for name, value in out.items()}
+        if bad is None and not math.isfinite(values["loss"]):
+            bad = (f"loss ({values['loss']}) in micro-batch {micro + 1}/{cfg.grad_accum} of samples "
+                   f"{describe_ids(batch['sample_id'])}")
+        for name, value in values.items():
+            parts[name] = parts.get(name, 0.0) + value / cfg.grad_accum
+    return parts, bad, sample_ids
+
+
+def apply_update(optimizer, scheduler, step: int, cfg: TrainConfig, run_dir: Path) -> None:
+    """optimizer.step(), scheduler.step(), zero the gradients; an update that overflows is a one-line error."""
+    try:
+        optimizer.step()
+    except RuntimeError as e:                                       # AdamW's step size itself overflowed
+        if "overflow" not in str(e):
+            raise
+        raise KdcacheError(f"the update of step {step} overflowed ({' '.join(str(e).split())}): --lr "
+                           f"{cfg.lr:g} is too large; nothing was saved from it "
+                           f"({last_checkpoint_words(run_dir)})") from e
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def to_device(batch: dict, device: torch.device) -> dict:
     return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
@@ -271,6 +339,54 @@ def to_device(batch: dict, device: torch.device) -> dict:
 def grad_sync(wrapped: torch.nn.Module, sync: bool):
     """DDP's no_sync() on micro-batches whose gradients are only accumulated; a no-op otherwise."""
     return wrapped.no_sync() if isinstance(wrapped, DistributedDataParallel) and not sync else nullcontext()
+
+
+def gradient_norm(trainable: list[torch.nn.Parameter], clip_grad: float | None) -> float:
+    """The total gradient norm of the step (over all ranks' shards under FSDP), clipped to `clip_grad` when set."""
+    if clip_grad is not None:
+        norm = torch.nn.utils.clip_grad_norm_(trainable, clip_grad)
+    elif hasattr(torch.nn.utils, "get_total_norm"):                 # torch >= 2.6: no rescaling pass
+        norm = torch.nn.utils.get_total_norm([p.grad for p in trainable if p.grad is not None])
+    else:
+        norm = torch.nn.utils.clip_grad_norm_(trainable, math.inf)
+    if hasattr(norm, "full_tensor"):                                # FSDP2: a DTensor
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def describe_ids(ids: list[str], limit: int = 8) -> str:
+    shown = ", ".join(repr(i) for i in ids[:limit])
+    return f"[{shown}{f', ... ({len(ids)} in all)' if len(ids) > limit else ''}]"
+
+
+def stop_non_finite(step: int, bad: str | None, run_dir: Path) -> None:
+    """Stop the run before the update of `step`, naming what was not finite and where (a collective)."""
+    import torch.distributed as dist
+
+    found = [bad]
+    if dist.is_available() and dist.is_initialized():
+        found = [None] * dist.get_world_size()
+        dist.all_gather_object(found, bad)
+    rank, reason = next((r, b) for r, b in enumerate(found) if b is not None)
+    where = f" on rank {rank}" if len(found) > 1 else ""
+    raise KdcacheError(f"non-finite {reason} at step {step}{where}: training stopped before that update, nothing "
+                       f"was saved from it ({last_checkpoint_words(run_dir)}); lower --lr, check --alpha/--beta/"
+                       "--gamma, or run `kdcache verify` on the cache")
+
+
+def refuse_non_finite_parameters(trainable: list[torch.nn.Parameter], step: int, run_dir: Path, device) -> None:
+    """Before a checkpoint (and so before final/): the updated parameters are finite on every rank."""
+    with torch.no_grad():
+        checks = [torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all() for p in trainable]
+        finite = bool(torch.stack(checks).all()) if checks else True              # one device sync
+    if mean_over_ranks({"bad": float(not finite)}, device)["bad"] > 0:
+        raise KdcacheError(f"the update of step {step} made parameters non-finite (is --lr too large?): no "
+                           f"checkpoint or final/ was written from them ({last_checkpoint_words(run_dir)})")
+
+
+def last_checkpoint_words(run_dir: Path) -> str:
+    last = checkpoint.latest_checkpoint(run_dir)
+    return f"last checkpoint: {last}" if last is not None else "no checkpoint was written yet"
 
 
 def mean_over_ranks(values: dict[str, float], device) -> dict[str, float]:

@@ -7,6 +7,13 @@ Under torchrun every rank takes the samples `i % world_size == rank`, writes its
 rank 0 merges the manifest once all ranks are done. A killed dump is resumed by running the same
 command again: finished shards are kept, the samples in them are not dumped twice, partial shards
 are discarded (docs/design.md §4, §8).
+
+Hostile conditions (§8): `--out` is locked for the dump's lifetime (`kdcache.lock`: a second dump on
+it fails at once naming the holder; a killed dump's lock is taken over); an `--out` that is a file,
+an empty dataset, or a dataset whose every sample was skipped is a one-line error (the last leaves
+the partial cache, with its skip reasons in `_parts/`, and writes no manifest); an unreadable run
+record is rewritten while no shard exists and refused once one does; OS errors of the dump's own
+writes (disk full, read-only or unwritable --out) are one-line errors naming the path.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import kdcache
-from kdcache import distributed, models, samples, schema, targets, templates
+from kdcache import distributed, lock, models, samples, schema, targets, templates
 from kdcache.batches import pad_sequences
 from kdcache.errors import KdcacheError, SampleError
 from kdcache.files import write_json_atomic
@@ -77,23 +84,29 @@ class Prepared:
 
 def dump(cfg: DumpConfig) -> dict | None:
     """Run the dump described by `cfg`; returns the manifest on rank 0 (None on other ranks)."""
-    # --- setup
     topo = distributed.topology()
     distributed.init_process_group(topo, backend="gloo")   # coordination only: no tensors move
     out = Path(cfg.out)
-    refuse_used_out(out, cfg)
+    # rank 0 locks --out (creating it) and, holding the lock, checks that it may be written
+    with lock.storage_errors(out), \
+            lock.job_lock(out, job="dump", is_main=topo.is_main, check=lambda: refuse_used_out(out, cfg)):
+        return run_dump(cfg, topo, out)
+
+
+def run_dump(cfg: DumpConfig, topo, out: Path) -> dict | None:
+    """setup -> dump -> finalize, in a checked and locked --out."""
+    # --- setup
+    dataset = load_dataset(cfg)
     device = distributed.resolve_device(cfg.device, topo)
     bundle, teacher = load_teacher(cfg, device, models.resolve_dtype(cfg.dtype, device))
     run = run_description(cfg, bundle, teacher, topo.world_size)
     out.mkdir(parents=True, exist_ok=True)
-    if topo.is_main:
-        check_or_record_run(out, run)
+    lock.on_main_rank(lambda: check_or_record_run(out, run), is_main=topo.is_main)
     distributed.barrier()
 
     # --- data: this rank's share of the samples that are not in a finished shard yet
     done = completed_sample_ids(out)
-    records = [r for i, r in enumerate(samples.load_records(cfg.data)[: cfg.max_samples])
-               if i % topo.world_size == topo.rank and r.sample_id not in done]
+    records = [r for i, r in enumerate(dataset) if i % topo.world_size == topo.rank and r.sample_id not in done]
 
     # --- dump
     desc = f"dump {out.name}" + (f" rank 0/{topo.world_size}" if topo.world_size > 1 else "")
@@ -103,7 +116,7 @@ def dump(cfg: DumpConfig) -> dict | None:
     # --- finalize: every rank reports, then rank 0 writes the manifest, last
     write_rank_report(out, topo.rank, skipped=skipped)
     distributed.barrier()
-    manifest = finalize_cache(out, run) if topo.is_main else None
+    manifest = lock.on_main_rank(lambda: finalize(out, run, cfg, len(dataset), skipped), is_main=topo.is_main)
     distributed.barrier()
     distributed.destroy_process_group()
     return manifest
@@ -134,11 +147,22 @@ def dump_records(teacher: Teacher, records: list[samples.Record], cfg: DumpConfi
 
 
 def refuse_used_out(out: Path, cfg: DumpConfig) -> None:
-    """A finished cache is never overwritten; with --no-resume neither is a partial one."""
+    """A finished cache is never overwritten; with --no-resume neither is a partial one.
+
+    The lock file (`kdcache.lock.LOCK_NAME`, this dump's or a killed dump's) is not content.
+    """
     if (out / schema.MANIFEST_NAME).exists():
         raise KdcacheError(f"{out} already holds a finished cache ({schema.MANIFEST_NAME}); choose another --out")
-    if not cfg.resume and out.exists() and any(out.iterdir()):
+    if not cfg.resume and out.is_dir() and lock.entries(out):
         raise KdcacheError(f"{out} is not empty and --no-resume was given")
+
+
+def load_dataset(cfg: DumpConfig) -> list[samples.Record]:
+    """The dataset's records (the first --max-samples); an empty dataset is refused: it would make an empty cache."""
+    records = samples.load_records(cfg.data)[: cfg.max_samples]
+    if not records:
+        raise KdcacheError(f"dataset {cfg.data} holds no samples: there is nothing to dump")
+    return records
 
 
 def load_teacher(cfg: DumpConfig, device: torch.device, dtype: torch.dtype) -> tuple[models.Bundle, Teacher]:
@@ -188,17 +212,42 @@ def check_or_record_run(out: Path, run: dict) -> None:
     """A resumed dump must be the same dump: same teacher, data, template, k and temperatures."""
     wanted = {k: run[k] for k in RUN_KEYS}
     path = out / schema.PARTS_DIR / schema.RUN_FILE
+    has_shards = any(schema.parse_shard_name(p.name) for p in out.iterdir())
     if path.exists():
-        before = json.loads(path.read_text())
-        diff = sorted(k for k in RUN_KEYS if before.get(k) != wanted[k])
-        if diff:
-            raise KdcacheError(f"{out} holds a partial dump made with different settings ({', '.join(diff)}); "
-                               "rerun with the same settings to resume it, or choose another --out")
-        return
-    if any(schema.parse_shard_name(p.name) for p in out.iterdir()):
+        try:
+            before = json.loads(path.read_text())
+            if not isinstance(before, dict):
+                raise ValueError(f"a JSON {type(before).__name__}, not an object")
+        except (OSError, ValueError) as e:            # empty or cut short: a copy or a file system that lost it
+            if has_shards:
+                raise KdcacheError(f"{path} is unreadable ({' '.join(str(e).split())}) and {out} holds finished "
+                                   "shards, so the settings that made them are unknown: restore that file, or "
+                                   f"delete {out} and dump again") from None
+            before = None                             # nothing depends on it yet: recorded again below
+        if before is not None:
+            diff = sorted(k for k in RUN_KEYS if before.get(k) != wanted[k])
+            if diff:
+                raise KdcacheError(f"{out} holds a partial dump made with different settings ({', '.join(diff)}); "
+                                   "rerun with the same settings to resume it, or choose another --out")
+            return
+    elif has_shards:
         raise KdcacheError(f"{out} holds shards but no record of the dump that made them; choose another --out")
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, wanted)
+
+
+def finalize(out: Path, run: dict, cfg: DumpConfig, num_records: int, skipped: list[dict]) -> dict:
+    """The manifest (rank 0, once every rank has reported); refuses a cache without a single sample.
+
+    A dump whose every sample was skipped keeps its partial cache (the skip reasons are in `_parts/`)
+    and writes no manifest: fixing the samples and running the same command again resumes it.
+    """
+    if not completed_sample_ids(out):
+        example = f" (first: sample {skipped[0]['sample_id']!r}: {skipped[0]['reason']})" if skipped else ""
+        raise KdcacheError(f"no sample of {cfg.data} was dumped: all {num_records} were skipped as bad{example}; "
+                           f"no manifest was written (the reasons are in {out / schema.PARTS_DIR}): fix the samples "
+                           "and run the same command again")
+    return finalize_cache(out, run)
 
 
 def open_writer(cfg: DumpConfig, rank: int) -> ShardWriter:
@@ -224,7 +273,7 @@ def prepare_all(records, cfg: DumpConfig, teacher: Teacher, skipped: list[dict])
 def prepare(record: samples.Record, cfg: DumpConfig, teacher: Teacher) -> Prepared:
     image_bytes = image = None
     if record.image is not None:
-        image_bytes, image = samples.load_image(cfg.images, record)
+        image_bytes, image = samples.load_image(cfg.images, record, **samples.image_limits(cfg))
     sequence = templates.build_sequence(
         record.conversations, teacher.tokenizer, template=cfg.template, image_token_id=teacher.image_token_id,
         visual_len=teacher.visual_len, has_image=image is not None, sample_id=record.sample_id,

@@ -8,6 +8,8 @@ change one).
 from __future__ import annotations
 
 import json
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -88,36 +90,57 @@ def toy_images():
     return make
 
 
-@pytest.fixture
-def toy_dataset(tmp_path):
-    """Factory: toy_dataset(count=6, template="qwen2_base", text_only=0) -> (json path, images dir).
+def write_toy_dataset(root: Path, *, count: int = 6, template: str = "qwen2_base", text_only: int = 0,
+                      size: int = 32, name: str | None = None) -> tuple[Path, Path]:
+    """A toy LLaVA JSON dataset in `root` -> (json path, images dir).
 
     Image samples ask for the color and shape (qwen2_base: two turns) or give a caption (plain);
     the last `text_only` samples have no image.
     """
+    images = root / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    records = []
+    for i in range(count):
+        if i >= count - text_only:
+            records.append({"id": f"text-{i}", "conversations": [
+                {"from": "human", "value": "How many sides has a square?"}, {"from": "gpt", "value": "four"}]})
+            continue
+        image, color, shape = draw_toy_image(i, size)
+        image_name = f"img-{i:03d}.png"
+        image.save(images / image_name)
+        if template == "plain":
+            turns = [{"from": "human", "value": "<image>\nDescribe the image briefly."},
+                     {"from": "gpt", "value": f"A {color} {shape}."}]
+        else:
+            turns = [{"from": "human", "value": "<image>\nWhat color is the shape?"},
+                     {"from": "gpt", "value": color},
+                     {"from": "human", "value": "What shape is it?"},
+                     {"from": "gpt", "value": f"It is a {shape}."}]
+        records.append({"id": f"sample-{i}", "image": image_name, "conversations": turns})
+    path = root / (name or f"data-{template}.json")
+    path.write_text(json.dumps(records, indent=1))
+    return path, images
+
+
+@pytest.fixture
+def toy_dataset(tmp_path):
+    """Factory: toy_dataset(count=6, template="qwen2_base", text_only=0) -> (json path, images dir)."""
     def make(count: int = 6, template: str = "qwen2_base", text_only: int = 0, size: int = 32):
-        images = tmp_path / "images"
-        images.mkdir(exist_ok=True)
-        records = []
-        for i in range(count):
-            if i >= count - text_only:
-                records.append({"id": f"text-{i}", "conversations": [
-                    {"from": "human", "value": "How many sides has a square?"}, {"from": "gpt", "value": "four"}]})
-                continue
-            image, color, shape = draw_toy_image(i, size)
-            name = f"img-{i:03d}.png"
-            image.save(images / name)
-            if template == "plain":
-                turns = [{"from": "human", "value": "<image>\nDescribe the image briefly."},
-                         {"from": "gpt", "value": f"A {color} {shape}."}]
-            else:
-                turns = [{"from": "human", "value": "<image>\nWhat color is the shape?"},
-                         {"from": "gpt", "value": color},
-                         {"from": "human", "value": "What shape is it?"},
-                         {"from": "gpt", "value": f"It is a {shape}."}]
-            records.append({"id": f"sample-{i}", "image": name, "conversations": turns})
-        path = tmp_path / f"data-{template}.json"
-        path.write_text(json.dumps(records, indent=1))
-        return path, images
+        return write_toy_dataset(tmp_path, count=count, template=template, text_only=text_only, size=size)
 
     return make
+
+
+@pytest.fixture
+def jobs(monkeypatch):
+    """Replace the dump and train jobs by ones that record their config.
+
+    The CLI imports `teacher_dump.dump` / `student_train.train` lazily, so stand-in modules in
+    sys.modules are what it finds: parsing is tested without torch or a model.
+    """
+    seen: dict[str, object] = {}
+    for module, name in (("teacher_dump.dump", "dump"), ("student_train.train", "train")):
+        stub = types.ModuleType(module)
+        setattr(stub, name, lambda cfg, name=name: seen.setdefault(name, cfg) and None)
+        monkeypatch.setitem(sys.modules, module, stub)
+    return seen
