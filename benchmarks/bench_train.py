@@ -43,7 +43,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-from kdcache import losses, models, schema, targets  # noqa: E402
+from kdcache import losses, schema, targets  # noqa: E402
 from kdcache.batches import CacheDataset, make_loader  # noqa: E402
 from kdcache.sampler import ResumableSampler  # noqa: E402
 from kdcache.reader import CacheReader  # noqa: E402
