@@ -48,6 +48,7 @@ class StudentLoss(torch.nn.Module):
         self.cfg = cfg
         self.temperatures = temperatures
         self.gram = gram            # (D, D) when the LM head is frozen, else computed with grad per step
+        self.sharded = False        # set by shard_with_fsdp: every rank must then produce the same gradients
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         device = next(self.model.parameters()).device
@@ -61,10 +62,13 @@ class StudentLoss(torch.nn.Module):
             alpha=weight * self.cfg.alpha, beta=weight * self.cfg.beta, gamma=weight * self.cfg.gamma,
             temperature_response=self.temperatures["response"], temperature_visual=self.temperatures["visual"],
             tail=self.cfg.tail, loss_norm=self.cfg.loss_norm, chunk_rows=self.cfg.chunk_rows, gram=self.gram)
-        if torch.is_grad_enabled() and not out["loss"].requires_grad:
-            # A micro-batch without images never reaches the projector, pt/dpt's only trainable part: its
-            # gradient is zero. A zero term keeps backward (and DDP's all-reduce) the same for every micro-batch.
-            out["loss"] = out["loss"] + 0.0 * sum(p.sum() for p in self.parameters() if p.requires_grad)
+        if torch.is_grad_enabled() and batch["pixel_values"] is None and (self.sharded or not out["loss"].requires_grad):
+            # A micro-batch without images never reaches the projector. In pt/dpt (the projector is all that
+            # trains) the loss then has no gradient at all; under FSDP the ranks' gradient reduce-scatters
+            # must cover the same parameters. A zero term gives the projector a zero gradient in both cases
+            # (elsewhere it stays None, as in a one-process run, and AdamW skips it).
+            projector = self.model.model.multi_modal_projector.parameters()
+            out["loss"] = out["loss"] + 0.0 * sum(p.sum() for p in projector if p.requires_grad)
         return out
 
 
@@ -262,6 +266,7 @@ def shard_with_fsdp(student_loss: StudentLoss) -> None:
     for layer in student_loss.model.model.language_model.layers:
         fully_shard(layer)
     fully_shard(student_loss)
+    student_loss.sharded = True
 
 
 def setup_optimizer(trainable: list[torch.nn.Parameter], cfg: TrainConfig, total_steps: int):

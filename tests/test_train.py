@@ -334,3 +334,24 @@ def test_two_process_torchrun_run_equals_a_one_process_run_with_the_same_global_
         # atol: Adam divides by sqrt(v), so an embedding row with a near-zero gradient turns summation-order
         # rounding into up to ~1e-5 of the 1e-3 step (seen: 1 element of 19200); a wrong update is ~1e-3.
         torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-4, msg=name)
+
+
+@pytest.mark.slow
+def test_fsdp_trains_through_micro_batches_without_images_on_one_rank(tiny_teacher_dir, tiny_student_dir,
+                                                                      toy_dataset, tmp_path):
+    # With 4 text-only samples out of 8 and batch 1 per rank, some step gives one rank no image: its
+    # projector then gets no gradient while the other rank's does, which FSDP's gradient
+    # reduce-scatter must still match across ranks.
+    data, images = toy_dataset(count=8, text_only=4)
+    cache = tmp_path / "cache"
+    run_dump(tiny_teacher_dir, data, images, cache, topk_response=8, topk_visual=8)
+    args = ["--student", tiny_student_dir, "--out", tmp_path / "two", "--stage", "dft", "--cache", cache,
+            "--batch-size", "1", "--global-batch", "2", "--lr", "1e-3", "--device", "cpu", "--num-workers", "0",
+            "--fsdp", "--epochs", "2"]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          "--master-port", "29543", "-m", "kdcache.cli", "train", *map(str, args)],
+                         cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                         timeout=300)
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-4000:]
+    assert [m["step"] for m in read_metrics(tmp_path / "two")] == list(range(1, 9))
+    assert (tmp_path / "two" / "final" / "model.safetensors").is_file()
