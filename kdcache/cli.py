@@ -212,8 +212,8 @@ def evaluate(
     images: Optional[str] = typer.Option(None, help="Image folder."),
     template: str = typer.Option("qwen2_base", metavar="<choice>",
                                  help=f"Conversation template.  [choices: {' | '.join(TEMPLATES)}]"),
-    max_samples: Optional[int] = typer.Option(None, help="Evaluate only the first N samples."),
-    max_new_tokens: int = typer.Option(8, help="Greedy tokens per answer."),
+    max_samples: Optional[int] = typer.Option(None, min=1, help="Evaluate only the first N samples."),
+    max_new_tokens: int = typer.Option(8, min=1, help="Greedy tokens per answer."),
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
 ):
     """Greedy generation and exact-match accuracy per question type."""

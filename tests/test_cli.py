@@ -75,3 +75,9 @@ def test_verify_exits_nonzero_naming_a_corrupted_shard(tiny_teacher_dir, toy_dat
     result = CliRunner().invoke(app, ["verify", str(tmp_path / "cache")])
     assert result.exit_code == 1
     assert shard.name in result.output
+
+
+@pytest.mark.parametrize("flag", ["--max-samples", "--max-new-tokens"])
+def test_eval_refuses_counts_below_one_before_loading_anything(flag):
+    result = CliRunner().invoke(app, ["eval", "--model", "no-such-model", "--data", "no-such.json", flag, "0"])
+    assert result.exit_code == 2 and "greater than or equal to 1" in result.output
