@@ -17,10 +17,8 @@ import numpy as np
 import pyarrow as pa
 
 from kdcache.errors import CacheError, SampleError
-from kdcache.schema import (COLUMNS, IMAGE, IMAGE_SHA256, INPUT_IDS, NULLABLE, RELATION, RELATION_NORM,
+from kdcache.schema import (COLUMNS, IMAGE, IMAGE_SHA256, INPUT_IDS, INT32_MAX, NULLABLE, RELATION, RELATION_NORM,
                             RESPONSE_ROWS, ROLES, SAMPLE_ID, TOPK_COLUMNS, VISUAL_LEN, VISUAL_START, relation_size)
-
-INT32_MAX = int(np.iinfo(np.int32).max)
 RAGGED = (INPUT_IDS, RESPONSE_ROWS, RELATION)          # list<primitive>
 TOPK = tuple(c for pair in TOPK_COLUMNS.values() for c in pair)   # list<fixed_size_list<primitive, K>>
 
