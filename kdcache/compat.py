@@ -14,10 +14,14 @@ PIXEL_SETTINGS = ("size", "resample", "rescale_factor", "image_mean", "image_std
 
 
 def check_student_matches_cache(manifest: dict, bundle: models.Bundle, cache: str) -> None:
-    """Tokenizer fingerprint, image token, visual_len, vocabulary and image processor must agree.
+    """Refuse what breaks training: another tokenizer (fingerprint; size where the manifest records it),
+    image token, visual_len or image processor, or a student without a row for some input id.
 
-    A mismatch names both sides; a manifest without (or with malformed) tokenizer, image token,
-    visual_len, vocabulary or image-processor entries is a one-line CacheError.
+    A teacher head larger than the student's is accepted (padded rows: Qwen2.5-7B has 152,064 where
+    3B has 151,936, for one tokenizer): the loss drops top-k ids past the student's head and leaves
+    their mass to the tail (docs/design.md §5). A mismatch names both sides; a manifest without (or
+    with malformed) tokenizer, image token, visual_len, vocabulary or image-processor entries is a
+    one-line CacheError.
     """
     config = bundle.model.config
     student = {
@@ -30,18 +34,38 @@ def check_student_matches_cache(manifest: dict, bundle: models.Bundle, cache: st
         "image_token_id": _entry(manifest, cache, "image_token_id", kind=int),
         "visual_len": _entry(manifest, cache, "visual_len", kind=int),
     }
+    if "tokenizer_size" in manifest:                  # caches dumped before it was recorded lack it
+        student["tokenizer_size"] = len(bundle.tokenizer)
+        cached["tokenizer_size"] = _entry(manifest, cache, "tokenizer_size", kind=int)
     for key, value in student.items():
         if cached[key] != value:
             raise KdcacheError(f"cache {cache} does not match student {bundle.source}: "
                                f"{key} is {cached[key]!r} in the cache but {value!r} in the student")
-    vocab_size = _entry(manifest, cache, "vocab_size", kind=int)
-    student_vocab = int(models.lm_head_weight(bundle.model).shape[0])
-    if vocab_size > student_vocab:
-        raise KdcacheError(f"cache {cache} holds token ids up to {vocab_size - 1} (teacher vocabulary "
-                           f"{vocab_size}) but student {bundle.source} has only {student_vocab} rows "
-                           "in its LM head")
+    _check_student_rows(manifest, bundle, cache)
     check_image_processors(_entry(manifest, cache, "image_processor", kind=dict),
                            processor_settings(bundle.image_processor), cache=cache, source=bundle.source)
+
+
+def _check_student_rows(manifest: dict, bundle: models.Bundle, cache: str) -> None:
+    """The student's input embeddings and LM head need a row for every input id (and label) of the cache.
+
+    The reader bounds input ids by `tokenizer_size` where the manifest records it, else by
+    `vocab_size` (the teacher's head rows), so an older cache still needs a student head as large as
+    the teacher's. Top-k ids set no such bound: the loss drops those past the student's head.
+    """
+    vocab_size = _entry(manifest, cache, "vocab_size", kind=int)
+    if "tokenizer_size" in manifest:
+        needed = _entry(manifest, cache, "tokenizer_size", kind=int)
+        what = f"has a tokenizer of {needed} tokens"
+    else:
+        needed = vocab_size
+        what = (f"holds token ids up to {vocab_size - 1} (teacher vocabulary {vocab_size}; its manifest has no "
+                "tokenizer_size, so dump it again with this kdcache to train a smaller head)")
+    for part, weight in (("LM head", models.lm_head_weight(bundle.model)),
+                         ("input embeddings", bundle.model.get_input_embeddings().weight)):
+        if weight.shape[0] < needed:
+            raise KdcacheError(f"cache {cache} {what} but student {bundle.source} has only {weight.shape[0]} "
+                               f"rows in its {part}")
 
 
 def processor_settings(image_processor) -> dict:

@@ -226,8 +226,11 @@ class RowLimits:
     manifest checked `for_training` has all of them (`schema.TRAINING_MANIFEST_KEYS`), and every cache
     `kdcache dump` writes does, so for training every check below is on:
 
-    * `vocab_size` (the teacher's LM-head rows): input_ids and top-k ids in [0, vocab_size), and the
-      top-k ids of a row unique (a teacher's top-k lists distinct tokens);
+    * `vocab_size` (the teacher's LM-head rows): top-k ids (and input_ids, without `tokenizer_size`)
+      in [0, vocab_size), and the top-k ids of a row unique (a teacher's top-k lists distinct tokens);
+    * `tokenizer_size` (len(tokenizer); absent from caches dumped before it was recorded): input_ids
+      in [0, tokenizer_size). Input ids come from the tokenizer, so this bounds them for a student
+      whose embeddings are not padded like the teacher's head; top-k ids range over that head;
     * `image_token_id`, with `visual_len`: input_ids[visual_start : visual_start + visual_len] are all
       image tokens, and there are no others;
     * `visual_len`: a row's visual_len is 0 (no image) or this;
@@ -237,6 +240,7 @@ class RowLimits:
     """
 
     vocab_size: int | None = None
+    tokenizer_size: int | None = None
     image_token_id: int | None = None
     visual_len: int | None = None
     max_length: int | None = None
@@ -247,6 +251,12 @@ class RowLimits:
     def from_manifest(cls, manifest: dict) -> RowLimits:
         """The limits a checked manifest states (its keys have these fields' names)."""
         return cls(**{f.name: manifest.get(f.name) for f in fields(cls)})
+
+    def input_ids_limit(self) -> tuple[int | None, str]:
+        """(bound, manifest key) of input_ids: the tokenizer's length where recorded, else the head rows."""
+        if self.tokenizer_size is not None:
+            return self.tokenizer_size, "tokenizer_size"
+        return self.vocab_size, "vocab_size"
 
 
 class DecodedBatch:
@@ -259,7 +269,8 @@ class DecodedBatch:
 
     * a batch Arrow's full validation rejects (offsets, UTF-8, buffer sizes); nulls in non-nullable
       columns or inside lists; an empty sample_id;
-    * a sequence that is empty or longer than `limits.max_length`; input_ids < 0 or >= vocab_size;
+    * a sequence that is empty or longer than `limits.max_length`; input_ids < 0 or >= tokenizer_size
+      (vocab_size when the manifest has no tokenizer_size);
     * a visual span that is negative, runs past the sequence, has a visual_start without visual
       rows, a visual_len other than 0 / `limits.visual_len`, or (with `limits.image_token_id`) is not
       exactly where the image tokens are;
@@ -358,7 +369,7 @@ class DecodedBatch:
         # 1. shapes: sequence length, visual span, rows per column, which optional values are there
         self._first(self._shape_rules(lengths, has_relation))
         # 2. values (their positions are known to be consistent now)
-        self._range(INPUT_IDS, self.ragged[INPUT_IDS][1])
+        self._range(INPUT_IDS, self.ragged[INPUT_IDS][1], *self.limits.input_ids_limit())
         self._image_tokens()
         self._response_rows(lengths[INPUT_IDS], lengths[RESPONSE_ROWS])
         for role in ROLES:
@@ -455,18 +466,18 @@ class DecodedBatch:
         if (step <= 0).any():
             self._fail_values(np.append(False, step <= 0), RESPONSE_ROWS, lambda r: "are not strictly increasing")
 
-    def _range(self, name: str, values: np.ndarray) -> None:
-        """Token ids in [0, vocab_size) (>= 0 without a known vocabulary); min / max first, masks only on failure."""
-        vocab = self.limits.vocab_size
-        if not values.size or (values.min() >= 0 and (vocab is None or values.max() < vocab)):
+    def _range(self, name: str, values: np.ndarray, limit: int | None, key: str) -> None:
+        """Token ids in [0, limit) (>= 0 without a known limit), `key` the manifest's name for the limit;
+        min / max first, masks only on failure."""
+        if not values.size or (values.min() >= 0 and (limit is None or values.max() < limit)):
             return
-        bad = (values < 0) if vocab is None else (values < 0) | (values >= vocab)
-        allowed = "[0, int32 max]" if vocab is None else f"[0, {vocab}) (the manifest's vocab_size)"
+        bad = (values < 0) if limit is None else (values < 0) | (values >= limit)
+        allowed = "[0, int32 max]" if limit is None else f"[0, {limit}) (the manifest's {key})"
         self._fail_values(bad, name, lambda r: f"holds ids outside {allowed}")
 
     def _topk_ids(self, name: str) -> None:
         ids = self.ragged[name][1]                                     # (n, K)
-        self._range(name, ids)
+        self._range(name, ids, self.limits.vocab_size, "vocab_size")
         n, k = ids.shape
         if self.limits.vocab_size is None or k < 2 or not n:
             return

@@ -55,22 +55,24 @@ def sparse_kl(student_logits: Tensor, topk_ids: Tensor, topk_logprobs: Tensor, *
     tail="renorm": both sides renormalised over the top-k, `p'_j = p_j / sum p`, `q'_j = q_j / sum q`,
     `KL = sum_j p'_j (log p'_j - log q'_j)`.
 
-    student_logits (N, V) any float dtype (raw, before temperature); topk_ids (N, K) int64, unique
-    per row, < V; topk_logprobs (N, K) the teacher's log-probs at the same temperature T (float16
+    Ids >= V (a teacher head padded past the student's) are dropped, their mass left to the tail
+    or renormalised away (`_fold_out_of_range`); a row with no id below V has KL 0.
+
+    student_logits (N, V) any float dtype (raw, before temperature); topk_ids (N, K) int64 >= 0,
+    unique per row; topk_logprobs (N, K) the teacher's log-probs at the same temperature T (float16
     from a cache is fine; -inf entries count as p_j = 0) -> (N,) float32, >= 0 up to rounding.
     No T² factor. N = 0 gives an empty (0,) tensor.
     """
     if tail not in TAILS:
         raise ValueError(f"tail must be one of {TAILS}, got {tail!r}")
     z = upcast(student_logits) / temperature                                # (N, V) float32
-    log_p = topk_logprobs.to(z.dtype)                                        # (N, K)
+    ids, log_p, keep = _fold_out_of_range(topk_ids, topk_logprobs.to(z.dtype), z.shape[-1])   # (N, K) each
+    z_k = z.gather(-1, ids)                                                  # (N, K)
     if tail == "renorm":
-        z_k = z.gather(-1, topk_ids)                                         # (N, K)
-        log_p = log_p - torch.logsumexp(log_p, dim=-1, keepdim=True)
-        return _topk_kl(log_p, z_k - torch.logsumexp(z_k, dim=-1, keepdim=True))
+        return _renorm_kl(log_p, z_k, keep)
     lse = torch.logsumexp(z, dim=-1, keepdim=True)                           # (N, 1)
-    kl = _topk_kl(log_p, z.gather(-1, topk_ids) - lse)                       # (N,)
-    log_q_tail, has_outside = _log_tail(z, topk_ids, lse.squeeze(-1))        # (N,), (N,)
+    kl = _topk_kl(log_p, z_k - lse)                                          # (N,)
+    log_q_tail, has_outside = _log_tail(z, ids, keep, lse.squeeze(-1))      # (N,), (N,)
     p_tail = 1.0 - log_p.exp().sum(-1)                                       # (N,)
     has_tail = (p_tail > NO_TAIL) & has_outside
     p_tail = torch.where(has_tail, p_tail, 0.0)
@@ -84,8 +86,45 @@ def _topk_kl(log_p: Tensor, log_q: Tensor) -> Tensor:
     return torch.where(p > 0, p * (log_p - log_q), 0.0).sum(-1)
 
 
-def _log_tail(z: Tensor, topk_ids: Tensor, lse: Tensor) -> tuple[Tensor, Tensor]:
-    """`log q_tail` = logsumexp of z outside the top-k minus `lse` (N,), and whether anything is outside.
+def _fold_out_of_range(topk_ids: Tensor, log_p: Tensor, vocab_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The rule for top-k ids >= the student's vocabulary V: drop the entry, leave its mass to the tail.
+
+    A teacher head may have more rows than the student's (Qwen2.5-7B pads to 152,064, 3B to 151,936)
+    with the same tokenizer: ids past V are padding rows that no token ever uses, so they carry ~no
+    mass, and the student has no such outcome to compare them with. Their log p becomes -inf (so
+    p_tail = 1 - the sum over the kept p) and their id is clamped into range for gathers only;
+    `keep` (N, K) marks the real entries, which alone enter the student's top-k set.
+    Returns (ids (N, K) < V, log_p (N, K), keep (N, K) bool).
+    """
+    keep = topk_ids < vocab_size
+    return topk_ids.clamp(max=vocab_size - 1), log_p.masked_fill(~keep, float("-inf")), keep
+
+
+def _topk_marks(keep: Tensor, value: float, dtype: torch.dtype) -> Tensor:
+    """Scatter-min sources (N, K): `value` at kept entries, +inf (leaves z as it is) at dropped ones.
+
+    A clamped id may repeat a kept one; a plain scatter of two different values to one place is
+    order-dependent, a min is not.
+    """
+    return torch.full(keep.shape, float("inf"), dtype=dtype, device=keep.device).masked_fill_(keep, value)
+
+
+def _renorm_kl(log_p: Tensor, z_k: Tensor, keep: Tensor) -> Tensor:
+    """tail="renorm": KL of both sides renormalised over the kept top-k entries (N, K) -> (N,).
+
+    A row with nothing kept has nothing to compare: KL 0. Its entries are set to 0 first, so that
+    no `-inf - -inf` (NaN) reaches the forward or the backward of the logsumexps.
+    """
+    any_kept = keep.any(dim=-1, keepdim=True)                                # (N, 1)
+    log_p = log_p.where(any_kept, 0.0)
+    z_k = z_k.masked_fill(~keep, float("-inf")).where(any_kept, 0.0)
+    log_p = log_p - torch.logsumexp(log_p, dim=-1, keepdim=True)
+    kl = _topk_kl(log_p, z_k - torch.logsumexp(z_k, dim=-1, keepdim=True))
+    return kl.where(any_kept.squeeze(-1), 0.0)
+
+
+def _log_tail(z: Tensor, ids: Tensor, keep: Tensor, lse: Tensor) -> tuple[Tensor, Tensor]:
+    """`log q_tail` = logsumexp of z outside the kept top-k minus `lse` (N,), and whether anything is outside.
 
     The top-k is masked with the most negative finite value, not -inf, so that a row whose top-k
     covers the whole vocabulary still gives a finite value and a NaN-free backward through
@@ -93,7 +132,7 @@ def _log_tail(z: Tensor, topk_ids: Tensor, lse: Tensor) -> tuple[Tensor, Tensor]
     left in the teacher's p_tail.
     """
     lowest = torch.finfo(z.dtype).min
-    outside = torch.logsumexp(z.scatter(-1, topk_ids, lowest), dim=-1)      # (N,)
+    outside = torch.logsumexp(z.scatter_reduce(-1, ids, _topk_marks(keep, lowest, z.dtype), "amin"), dim=-1)
     return outside - lse, outside > lowest / 2
 
 
@@ -179,9 +218,10 @@ class _BucketRows(torch.autograd.Function):
         dz_i = a q_i - g_kl p_i [i in top-k] - g_kl p_tail exp(z_i - lse_out) [i outside] - g_ce [i = y]
 
     and outside the top-k both exponentials are exp(z_i - m_out) <= 1 times a per-row factor.
-    Inputs as `_chunk_losses`; `temperature` divides the logits of the KL (CE and KL together
-    only at T = 1: CE is always at T = 1). Returns (ce (n,), kl (n,)); a term not asked for is an
-    empty (0,) tensor.
+    Top-k ids >= V are dropped by `_fold_out_of_range` as in `sparse_kl` (they need k < V here:
+    `row_losses` sends k >= V with such ids to the other path). Inputs as `_chunk_losses`;
+    `temperature` divides the logits of the KL (CE and KL together only at T = 1: CE is always at
+    T = 1). Returns (ce (n,), kl (n,)); a term not asked for is an empty (0,) tensor.
     """
 
     @staticmethod
@@ -194,17 +234,17 @@ class _BucketRows(torch.autograd.Function):
             pivot = z.amax(dim=1)                                            # (n,)
             lse = pivot + z.sub_(pivot[:, None]).exp_().sum(dim=1).log()
         else:
-            z_k = z.gather(1, topk_ids)                                      # (n, K)
-            lse = torch.logsumexp(z_k, dim=1)
+            ids, log_p, keep = _fold_out_of_range(topk_ids, topk_logprobs.to(z.dtype), z.shape[1])   # (n, K)
+            z_k = z.gather(1, ids)                                           # (n, K)
+            lse = torch.logsumexp(z_k.masked_fill(~keep, float("-inf")), dim=1)   # -inf when nothing is kept
             if topk_ids.shape[1] < z.shape[1]:                               # ids are unique: an outside exists
-                z.scatter_(1, topk_ids, float("-inf"))
+                z.scatter_reduce_(1, ids, _topk_marks(keep, float("-inf"), z.dtype), "amin")
                 pivot = z.amax(dim=1)                                        # (n,) max outside the top-k
                 lse_out = pivot + z.sub_(pivot[:, None]).exp_().sum(dim=1).log()
                 lse = torch.logaddexp(lse_out, lse)
         ce = lse - z_label if labels is not None else lse.new_zeros(0)
         kl = p_tail = lse.new_zeros(0)
         if topk_ids is not None:
-            log_p = topk_logprobs.to(z.dtype)                                # (n, K)
             kl = _topk_kl(log_p, z_k - lse[:, None])
             p_tail = torch.zeros_like(lse)
             if lse_out is not None:
@@ -225,15 +265,18 @@ class _BucketRows(torch.autograd.Function):
             z.sub_(pivot[:, None]).exp_().mul_((a * (pivot - lse).exp())[:, None])
         else:
             g_kl = g_kl / ctx.temperature                                    # z = logits / T
-            p = topk_logprobs.to(z.dtype).exp()                              # (n, K)
+            ids, log_p, keep = _fold_out_of_range(topk_ids, topk_logprobs.to(z.dtype), z.shape[1])
+            p = log_p.exp()                                                  # (n, K), 0 where dropped
             a = a + g_kl * (p.sum(dim=1) + p_tail)
-            grad_k = a[:, None] * (z.gather(1, topk_ids) - lse[:, None]).exp() - g_kl[:, None] * p
+            grad_k = a[:, None] * (z.gather(1, ids) - lse[:, None]).exp() - g_kl[:, None] * p
             if lse_out is None:
                 z.zero_()
             else:
                 coef = a * (pivot - lse).exp() - g_kl * p_tail * (pivot - lse_out).exp()
-                z.scatter_(1, topk_ids, float("-inf")).sub_(pivot[:, None]).exp_().mul_(coef[:, None])
-            z.scatter_(1, topk_ids, grad_k)
+                z.scatter_reduce_(1, ids, _topk_marks(keep, float("-inf"), z.dtype), "amin")
+                z.sub_(pivot[:, None]).exp_().mul_(coef[:, None])
+            # kept ids hold 0 now; adding (not writing) lets a dropped entry's clamped id take its 0 in any order
+            z.scatter_add_(1, ids, grad_k.masked_fill_(~keep, 0.0))
         if labels is not None:
             z.scatter_add_(1, labels[:, None], -g_ce[:, None].to(z.dtype))
         grad_hidden = grad_weight = None
@@ -243,6 +286,17 @@ class _BucketRows(torch.autograd.Function):
             if ctx.needs_input_grad[1]:
                 grad_weight = (z.T @ hidden.to(z.dtype)).to(weight.dtype)   # (V, D)
         return grad_hidden, grad_weight, None, None, None, None
+
+
+def _fast_path(tail: str, with_ce: bool, topk_ids: Tensor | None, temperature: float, *, vocab_size: int) -> bool:
+    """Whether `row_losses` can run `_BucketRows` (same values and gradients, fewer (n, V) passes)."""
+    # CE is always at T = 1: the fast path shares one log-sum-exp between CE and KL only when T = 1.
+    if tail != "bucket" or (with_ce and topk_ids is not None and temperature != 1.0):
+        return False
+    if topk_ids is None or topk_ids.shape[1] < vocab_size:
+        return True
+    # k >= V: the fast path takes the top-k to cover the vocabulary, which dropped ids past V break
+    return bool((topk_ids < vocab_size).all())
 
 
 def row_losses(hidden: Tensor, lm_head_weight: Tensor, *, labels: Tensor | None = None,
@@ -257,7 +311,9 @@ def row_losses(hidden: Tensor, lm_head_weight: Tensor, *, labels: Tensor | None 
     buffers, whatever N. With tail="bucket" (and T = 1 when CE and KL are both asked for) each
     chunk runs `_BucketRows` (hand-written backward, one (chunk_rows, V) buffer); otherwise
     `_chunk_losses` under activation checkpointing. Values and gradients equal the unchunked ones.
-    N = 0 gives empty (0,) tensors that are still attached to the graph (their sum has a grad).
+    Top-k ids >= V (a teacher head padded past the student's) are dropped, their mass left to the
+    tail (`_fold_out_of_range`). N = 0 gives empty (0,) tensors that are still attached to the graph
+    (their sum has a grad).
     """
     if (topk_ids is None) != (topk_logprobs is None):
         raise ValueError("topk_ids and topk_logprobs must be given together")
@@ -265,8 +321,7 @@ def row_losses(hidden: Tensor, lm_head_weight: Tensor, *, labels: Tensor | None 
         return None, None
     fn = functools.partial(_chunk_losses, temperature=temperature, tail=tail)
     recompute = torch.is_grad_enabled() and (hidden.requires_grad or lm_head_weight.requires_grad)
-    # CE is always at T = 1: the fast path shares one log-sum-exp between CE and KL only when T = 1.
-    fast = tail == "bucket" and (labels is None or topk_ids is None or temperature == 1.0)
+    fast = _fast_path(tail, labels is not None, topk_ids, temperature, vocab_size=lm_head_weight.shape[0])
     ce_parts, kl_parts = [], []
     for start in range(0, max(hidden.shape[0], 1), chunk_rows):             # N = 0: one empty chunk
         rows = slice(start, start + chunk_rows)

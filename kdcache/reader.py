@@ -390,8 +390,9 @@ def describe_cache(cache) -> str:
         + (f" on {m['created']}" if m.get("created") else ""),
         f"teacher         {teacher.get('source', '?')} (revision {teacher.get('revision') or '-'}, "
         f"dtype {teacher.get('dtype', '?')}, config {teacher.get('config_hash', '?')})",
-        f"tokenizer       {tokenizer.get('fingerprint', '?')} (vocab {m.get('vocab_size', '?')}, "
-        f"image token {m.get('image_token_id', '?')}, visual_len {m.get('visual_len', '?')})",
+        f"tokenizer       {tokenizer.get('fingerprint', '?')} ({m.get('tokenizer_size', '?')} tokens, teacher "
+        f"head {m.get('vocab_size', '?')} rows, image token {m.get('image_token_id', '?')}, "
+        f"visual_len {m.get('visual_len', '?')})",
         f"template        {m.get('template', '?')}",
         f"dataset         {dataset.get('source', '?')} ({dataset.get('fingerprint', '?')})",
     ]

@@ -55,6 +55,9 @@ REQUIRED_MANIFEST_KEYS = ("format", "format_version", "topk", "num_samples", "sh
 # cache written by `kdcache dump` has them.
 TRAINING_MANIFEST_KEYS = ("tokenizer", "vocab_size", "image_token_id", "visual_len", "max_length", "temperature",
                           "relation", "images_embedded", "image_processor")
+# Not required: `tokenizer_size` (len(tokenizer), beside `vocab_size` = the teacher's LM-head rows, which
+# may be padded past it: Qwen2.5-7B has 152,064 rows for 151,665 tokens). Caches dumped before it was
+# recorded lack it; kdcache.compat and encoding.RowLimits use it where present.
 # A shard's bytes bound its sample count before anything is allocated for it: a record batch holds at
 # most 4 samples and its metadata alone takes ~1.7 KB (the smallest possible samples cost ~470 B each).
 MIN_SHARD_BYTES_PER_SAMPLE = 64
@@ -126,16 +129,7 @@ def manifest_faults(manifest: object, source: str, *, for_training: bool = False
     for key, (valid, expected) in _MANIFEST_FIELDS.items():
         if key in manifest and not valid(manifest[key]):
             faults.append(f"{source}: manifest {key!r} must be {expected}, got {_show(manifest[key])}")
-    vocab = manifest.get("vocab_size")
-    if _size(vocab):
-        for key in ("image_token_id", "pad_token_id", "eos_token_id"):
-            if _count(manifest.get(key)) and manifest[key] >= vocab:
-                faults.append(f"{source}: manifest {key!r} is {manifest[key]}, outside the vocabulary "
-                              f"(vocab_size {vocab})")
-        topk = manifest.get("topk")
-        for role in ROLES if _MANIFEST_FIELDS["topk"][0](topk) else ():
-            if topk[role] > vocab:
-                faults.append(f"{source}: manifest 'topk' {role} is {topk[role]}, more than vocab_size {vocab}")
+    faults += _vocabulary_faults(manifest, source)
     shards = manifest.get("shards")
     seen: dict[str, int] = {}
     for i, entry in enumerate(shards if isinstance(shards, list) else []):
@@ -146,6 +140,27 @@ def manifest_faults(manifest: object, source: str, *, for_training: bool = False
                 faults.append(f"{source}: manifest shards[{i}] 'path' {_show(path)} is listed twice "
                               f"(also shards[{seen[path]}])")
             seen.setdefault(path, i)
+    return faults
+
+
+def _vocabulary_faults(manifest: dict, source: str) -> list[str]:
+    """Token ids and k against `vocab_size` (the teacher's LM-head rows) and `tokenizer_size` (its
+    tokenizer's length, at most the head rows: a head may be padded past the tokenizer, not short of it)."""
+    vocab, tokens = manifest.get("vocab_size"), manifest.get("tokenizer_size")
+    if not _size(vocab):
+        return []
+    faults = []
+    if _size(tokens) and tokens > vocab:
+        faults.append(f"{source}: manifest 'tokenizer_size' is {tokens}, more than vocab_size {vocab} "
+                      "(the teacher's LM-head rows)")
+    limit, name = (tokens, "tokenizer_size") if _size(tokens) else (vocab, "vocab_size")
+    for key in ("image_token_id", "pad_token_id", "eos_token_id"):
+        if _count(manifest.get(key)) and manifest[key] >= limit:
+            faults.append(f"{source}: manifest {key!r} is {manifest[key]}, outside the vocabulary ({name} {limit})")
+    topk = manifest.get("topk")
+    for role in ROLES if _MANIFEST_FIELDS["topk"][0](topk) else ():
+        if topk[role] > vocab:
+            faults.append(f"{source}: manifest 'topk' {role} is {topk[role]}, more than vocab_size {vocab}")
     return faults
 
 
@@ -253,6 +268,7 @@ _MANIFEST_FIELDS = {
     "num_samples": (_count, "a non-negative int"),
     "shards": (lambda v: isinstance(v, list), "a list"),
     "vocab_size": (_size, "a positive int"),
+    "tokenizer_size": (_size, "a positive int"),
     "image_token_id": (_token_id, "a non-negative int"),
     "pad_token_id": (_token_id, "a non-negative int"),
     "eos_token_id": (_token_id, "a non-negative int"),

@@ -166,7 +166,8 @@ def load_dataset(cfg: DumpConfig) -> list[samples.Record]:
 
 
 def load_teacher(cfg: DumpConfig, device: torch.device, dtype: torch.dtype) -> tuple[models.Bundle, Teacher]:
-    """The teacher bundle (for provenance) and the loaded Teacher; refuses an untrained projector and a k above V."""
+    """The teacher bundle (for provenance) and the loaded Teacher; refuses an untrained projector, a k above
+    V and a head with fewer rows than the tokenizer has tokens."""
     bundle = models.load_bundle(cfg.teacher, dtype=dtype, revision=cfg.revision,
                                 trust_remote_code=cfg.trust_remote_code)
     if not bundle.projector_trained and not cfg.allow_untrained:
@@ -177,6 +178,9 @@ def load_teacher(cfg: DumpConfig, device: torch.device, dtype: torch.dtype) -> t
     vocab_size = models.lm_head_weight(bundle.model).shape[0]
     if max(cfg.topk_response, cfg.topk_visual) > vocab_size:
         raise KdcacheError(f"top-k ({cfg.topk_response}, {cfg.topk_visual}) exceeds the teacher's vocabulary ({vocab_size})")
+    if len(bundle.tokenizer) > vocab_size:     # a head may be padded past its tokenizer, never short of it
+        raise KdcacheError(f"teacher {cfg.teacher!r} has {vocab_size} LM-head rows but its tokenizer has "
+                           f"{len(bundle.tokenizer)} tokens; resize its embeddings to the tokenizer first")
     return bundle, Teacher.from_bundle(bundle, device=device, dtype=dtype, relation=cfg.relation)
 
 
@@ -190,7 +194,8 @@ def run_description(cfg: DumpConfig, bundle: models.Bundle, teacher: Teacher, wo
                     "dtype": str(teacher.dtype).removeprefix("torch.")},
         "tokenizer": {"fingerprint": models.tokenizer_fingerprint(teacher.tokenizer),
                       "class": type(teacher.tokenizer).__name__},
-        "vocab_size": int(teacher.lm_head.shape[0]),
+        "vocab_size": int(teacher.lm_head.shape[0]),          # head rows: bounds the top-k ids
+        "tokenizer_size": len(teacher.tokenizer),              # may be less (a padded head): bounds input ids
         "image_token_id": teacher.image_token_id,
         "pad_token_id": int(teacher.tokenizer.pad_token_id),
         "eos_token_id": int(teacher.tokenizer.eos_token_id),

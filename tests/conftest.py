@@ -26,6 +26,9 @@ TINY_TEACHER = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, 
                     num_key_value_heads=2, tie_word_embeddings=False)
 TINY_STUDENT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                     num_key_value_heads=2, tie_word_embeddings=True)
+# The teacher's head padded past the tokenizer, as Qwen2.5-7B's (152,064 rows) is past 3B's (151,936): same tokenizer.
+TINY_PADDING = 64
+TINY_PADDED_TEACHER = dict(TINY_TEACHER, vocab_size=toy_models.VOCAB_SIZE + TINY_PADDING)
 TRAINED = ["pt", "sft"]   # the history that marks a checkpoint's projector as trained
 
 COLORS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), "yellow": (240, 220, 40)}
@@ -49,6 +52,15 @@ def _saved_tiny(tmp_path_factory, name: str, text_config: dict, seed: int) -> Pa
 def tiny_teacher_dir(tmp_path_factory) -> Path:
     """A saved tiny LLaVA teacher (Qwen2 hidden 64, untied head; 15 visual tokens), marked trained (pt, sft)."""
     return _saved_tiny(tmp_path_factory, "tiny-teacher", TINY_TEACHER, seed=11)
+
+
+@pytest.fixture(scope="session")
+def tiny_padded_teacher_dir(tmp_path_factory) -> Path:
+    """The tiny teacher with TINY_PADDING more LM-head (and embedding) rows than the toy tokenizer has tokens.
+
+    The padding rows are randomly initialised, so unlike a trained head's they do win top-k places.
+    """
+    return _saved_tiny(tmp_path_factory, "tiny-padded-teacher", TINY_PADDED_TEACHER, seed=11)
 
 
 @pytest.fixture(scope="session")

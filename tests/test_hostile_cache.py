@@ -410,7 +410,7 @@ def test_training_refuses_a_manifest_without_what_it_reads_in_one_line(cache, ke
     ("vocab_size", "1000"), ("vocab_size", 0), ("tokenizer", "sha256:abc"), ("tokenizer", {"class": "X"}),
     ("teacher", "big-teacher"), ("image_token_id", VOCAB), ("visual_len", -6), ("max_length", 1.5),
     ("relation", "yes"), ("topk", {"response": K_R, "visual": "3"}), ("stats", {"bytes_per_sample": "big"}),
-    ("skipped", ["s9"]), ("dataset", {"source": 3}),
+    ("skipped", ["s9"]), ("dataset", {"source": 3}), ("tokenizer_size", "1000"),
 ])
 def test_inspect_and_verify_report_a_wrongly_typed_manifest_key_in_one_line(cache, key, value):
     manifest = read_manifest(cache)
@@ -432,6 +432,24 @@ def test_topk_larger_than_the_vocabulary_is_refused(cache):
     manifest["image_token_id"] = manifest["pad_token_id"] = manifest["eos_token_id"] = 0
     write_manifest(cache, manifest)
     with pytest.raises(CacheError, match=f"'topk' response is {K_R}, more than vocab_size {K_V}"):
+        CacheReader(cache)
+
+
+def test_a_padded_head_admits_topk_ids_past_the_tokenizer_but_not_such_input_ids(cache):
+    """vocab_size (the teacher's head rows) bounds top-k ids; tokenizer_size, where recorded, bounds input ids."""
+    write_manifest(cache, {**read_manifest(cache), "vocab_size": VOCAB + 64, "tokenizer_size": VOCAB})
+    tamper(cache, SHARD_0, "s0", at("response_topk_ids", (0, 0), VOCAB + 10))
+    assert CacheReader(cache, verify=True, for_training=True).read_sample(0)["response_topk_ids"][0, 0] == VOCAB + 10
+    assert verify_cache(cache) == []
+    tamper(cache, SHARD_0, "s1", at("input_ids", 20, VOCAB + 10))
+    with pytest.raises(CacheError, match=rf"sample 's1': input_ids holds ids outside \[0, {VOCAB}\) "
+                                         r"\(the manifest's tokenizer_size\)"):
+        CacheReader(cache, verify=True, for_training=True).read_sample(1)
+
+
+def test_a_tokenizer_larger_than_the_teachers_head_is_refused(cache):
+    write_manifest(cache, {**read_manifest(cache), "tokenizer_size": VOCAB + 1})
+    with pytest.raises(CacheError, match=f"'tokenizer_size' is {VOCAB + 1}, more than vocab_size {VOCAB}"):
         CacheReader(cache)
 
 
