@@ -35,7 +35,7 @@ import common  # noqa: E402
 
 from kdcache import schema, writer  # noqa: E402
 from kdcache.batches import CacheDataset, make_loader  # noqa: E402
-from kdcache.encoding import coerce_sample  # noqa: E402
+from kdcache.records import coerce_sample  # noqa: E402
 from kdcache.models import siglip_image_processor  # noqa: E402
 from kdcache.sampler import ResumableSampler  # noqa: E402
 from kdcache.reader import CacheReader  # noqa: E402

@@ -47,6 +47,8 @@ ROLES = ("response", "visual")
 # role -> (ids column, logprobs column); each has one (K,) entry per row of that role
 TOPK_COLUMNS = {"response": (RESPONSE_TOPK_IDS, RESPONSE_TOPK_LOGPROBS),
                 "visual": (VISUAL_TOPK_IDS, VISUAL_TOPK_LOGPROBS)}
+RAGGED = (INPUT_IDS, RESPONSE_ROWS, RELATION)                      # list<primitive>
+TOPK = tuple(c for pair in TOPK_COLUMNS.values() for c in pair)    # list<fixed_size_list<primitive, K>>
 
 SHARD_ENTRY_KEYS = ("path", "num_samples", "num_bytes", "sha256")
 REQUIRED_MANIFEST_KEYS = ("format", "format_version", "topk", "num_samples", "shards")

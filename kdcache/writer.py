@@ -20,7 +20,7 @@ import pyarrow as pa
 
 from kdcache import schema
 from kdcache.errors import CacheError, KdcacheError
-from kdcache.encoding import coerce_sample, raw_bytes, record_batch, sample_stats
+from kdcache.records import coerce_sample, raw_bytes, record_batch, sample_stats
 from kdcache.files import sha256_file, write_json_atomic
 
 COMPRESSION = pa.Codec("zstd", 3)
@@ -40,7 +40,7 @@ class ShardWriter:
     only the sample it wants, while small text-only samples share a batch.
 
     `write` takes a dict whose keys are the column names (`kdcache.schema.COLUMNS`); see
-    `kdcache.encoding.coerce_sample` for what each value may be.
+    `kdcache.records.coerce_sample` for what each value may be.
     """
 
     def __init__(self, cache_dir, *, rank: int = 0, k_response: int, k_visual: int,

@@ -25,7 +25,8 @@ from typer.testing import CliRunner
 
 from kdcache import schema
 from kdcache.cli import app
-from kdcache.encoding import DecodedBatch, record_batch
+from kdcache.encoding import DecodedBatch
+from kdcache.records import record_batch
 from kdcache.errors import CacheError
 from kdcache.reader import CacheReader, verify_cache
 from kdcache.writer import COMPRESSION, ShardWriter, finalize_cache, write_rank_report

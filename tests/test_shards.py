@@ -12,7 +12,8 @@ import pyarrow as pa
 import pytest
 
 from kdcache import schema
-from kdcache.encoding import DecodedBatch, coerce_sample, record_batch
+from kdcache.encoding import DecodedBatch
+from kdcache.records import coerce_sample, record_batch
 from kdcache.errors import CacheError, SampleError
 from kdcache.reader import CacheReader, describe_cache, verify_cache
 from kdcache.writer import ShardWriter, completed_sample_ids, finalize_cache, write_rank_report
