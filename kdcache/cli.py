@@ -239,6 +239,20 @@ def quickstart(
     run_quickstart(out, seed=seed)
 
 
+@app.command(epilog="Examples:\n\n  kdcache convert --from tinyllava LLaVA-KD-student/ student-llava/")
+@clean_errors
+def convert(
+    src: str = typer.Argument(..., help="The checkpoint directory to convert (safetensors weights)."),
+    dst: str = typer.Argument(..., help="Where the LLaVA checkpoint directory goes."),
+    from_format: str = typer.Option(..., "--from", help="The format of SRC: tinyllava (TinyLLaVA Factory)."),
+):
+    """Convert another format's checkpoint into a LLaVA checkpoint that kdcache loads."""
+    from kdcache.convert import convert as run_convert
+
+    out = run_convert(from_format, src, dst)
+    typer.echo(f"wrote {out}")
+
+
 def main() -> None:
     app()
 

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from kdcache.cli import app
 
-COMMANDS = ("dump", "train", "inspect", "verify", "eval", "quickstart")
+COMMANDS = ("dump", "train", "inspect", "verify", "eval", "quickstart", "convert")
 
 
 def test_help_does_not_import_torch():
