@@ -109,7 +109,7 @@ def check_fields(config: Any) -> None:
     Numbers: the type (an int is a fine float, a bool is only a bool), finite (NaN always refused,
     infinity unless the field's metadata says ``allow_inf``), then ``ge`` / ``gt`` / ``le`` from the
     metadata. Text: a non-empty string without NUL characters, matching ``pattern`` if the metadata
-    has one. Call it first in a config's ``__post_init__``. None means "unset" and is not checked: a
+    has one, and not a URL where the metadata says ``local``. Call it first in a config's ``__post_init__``. None means "unset" and is not checked: a
     field that may be None says so in its type.
     """
     hints = field_types(type(config))
@@ -155,6 +155,10 @@ def _check_text(name: str, value: Any, metadata: Any) -> None:
         raise KdcacheError(f"{name} must not be empty")
     if "\x00" in value:
         raise KdcacheError(f"{name} must not contain a NUL character, got {value!r}")
+    if metadata.get("local") and re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", value):
+        # `Path("s3://bucket/x")` is the local folder "s3:/bucket/x": refuse rather than write there
+        raise KdcacheError(f"{name} {value!r} is a URL; kdcache writes {name} to a local directory "
+                           "(write it locally, then copy it to object storage)")
     pattern = metadata.get("pattern")
     if pattern is not None and not re.fullmatch(pattern, value):
         raise KdcacheError(f"unknown {name} {value!r}; expected {metadata.get('pattern_help', pattern)}")

@@ -46,7 +46,7 @@ class TrainConfig:
     stage: StageName = field(metadata={"help": "Training stage: pt and sft learn from data, dpt and dft distill "
                                                "from a cache."})
     student: str = field(metadata={"help": "Student: checkpoint dir, hub id or preset."})
-    out: str = field(metadata={"help": "Run directory (config, metrics, checkpoints, final/)."})
+    out: str = field(metadata={"help": "Run directory (config, metrics, checkpoints, final/).", "local": True})
     cache: str | None = field(default=None, metadata={
         "help": "Cache written by `kdcache dump` (required for dpt/dft)."})
     data: str | None = field(default=None, metadata={"help": "LLaVA JSON/JSONL for pt/sft without a cache."})

@@ -16,7 +16,7 @@ from kdcache.templates import TemplateName
 class DumpConfig:
     teacher: str = field(metadata={"help": "Teacher: checkpoint dir, hub id or preset (qwen1.5-4b, ...)."})
     data: str = field(metadata={"help": "LLaVA JSON or JSONL dataset."})
-    out: str = field(metadata={"help": "Cache directory to write (resumed if partial, see --resume)."})
+    out: str = field(metadata={"help": "Cache directory to write (resumed if partial, see --resume).", "local": True})
     images: str | None = field(default=None, metadata={
         "help": "Folder the dataset's image paths are relative to (none: text-only data)."})
     template: TemplateName = field(default="qwen2_base", metadata={"help": "Conversation template."})

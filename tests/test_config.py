@@ -231,3 +231,14 @@ def test_a_distillation_stage_without_a_cache_is_refused():
         TrainConfig(stage="dpt", student="s", out="r", data="d")
     with pytest.raises(KdcacheError, match="exactly one of --cache or --data"):
         TrainConfig(stage="sft", student="s", out="r", data="d", cache="c")
+
+
+@pytest.mark.parametrize("command", [["dump", "--teacher", "t", "--data", "d.json"],
+                                     ["train", "--stage", "pt", "--student", "s", "--data", "d.json"]])
+def test_an_out_url_is_refused_instead_of_writing_a_local_folder_named_after_it(command, jobs, tmp_path,
+                                                                                 monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, [*command, "--out", "s3://bucket/cache"])
+    assert result.exit_code == 1 and not jobs
+    assert "out 's3://bucket/cache' is a URL" in result.output and len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "s3:").exists()
