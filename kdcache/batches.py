@@ -55,7 +55,7 @@ class CacheDataset(Dataset):
     """
 
     def __init__(self, reader, image_processor, *, images: str | Path | None = None, with_targets: bool = True,
-                 image_limits: dict | None = None):
+                 image_limits: dict | None = None, dataset: str | Path | None = None):
         self.reader = reader if isinstance(reader, CacheReader) else CacheReader(reader)
         self.image_limits = image_limits or {}         # samples.load_image's max_bytes / max_pixels
         self.cache = self.reader.cache
@@ -64,7 +64,7 @@ class CacheDataset(Dataset):
         self.columns = SEQUENCE_COLUMNS + (TARGET_COLUMNS if with_targets else ())
         self._image_files, self._images_dir = None, None
         if not self.reader.manifest.get("images_embedded", True):
-            self._images_dir, self._image_files = _external_images(self.reader.manifest, images, self.cache)
+            self._images_dir, self._image_files = _external_images(self.reader.manifest, images, self.cache, dataset)
 
     def __len__(self) -> int:
         return len(self.reader)
@@ -274,15 +274,23 @@ def _as_tensor(value):
     return torch.from_numpy(value) if isinstance(value, np.ndarray) else value
 
 
-def _external_images(manifest: dict, images, cache: str) -> tuple[Path, dict[str, str]]:
-    """(image folder, sample_id -> image file) for a cache dumped with --no-embed-images."""
-    dataset = manifest.get("dataset") or {}
-    folder = images if images is not None else dataset.get("images")
+def _external_images(manifest: dict, images, cache: str, dataset=None) -> tuple[Path, dict[str, str]]:
+    """(image folder, sample_id -> image file) for a cache dumped with --no-embed-images.
+
+    The dataset file is the one the manifest records, or `dataset` (the same file elsewhere: its
+    sha256 must be the manifest's fingerprint, so another dataset cannot pair images with samples).
+    """
+    recorded = manifest.get("dataset") or {}
+    folder = images if images is not None else recorded.get("images")
     if folder is None:
         raise KdcacheError(f"cache {cache} was dumped without embedded images: pass --images DIR")
-    source = dataset.get("source")
-    if source is None or not Path(source).exists():
+    source = dataset if dataset is not None else recorded.get("source")
+    if source is None or not Path(source).is_file():
         raise KdcacheError(f"cache {cache} was dumped without embedded images and its dataset file "
-                           f"{source!r} is not readable here; it is needed to find each sample's image")
+                           f"{str(source)!r} is not readable here; it is needed to find each sample's image "
+                           "(pass --cache-dataset FILE)")
+    if dataset is not None and samples.dataset_fingerprint(dataset) != recorded.get("fingerprint"):
+        raise KdcacheError(f"--cache-dataset {str(dataset)!r} is not the dataset cache {cache} was dumped from "
+                           f"(sha256 differs from the manifest's {recorded.get('fingerprint')!r})")
     files = {r.sample_id: r.image for r in samples.load_records(source) if r.image is not None}
     return Path(folder), files

@@ -52,6 +52,9 @@ class TrainConfig:
     data: str | None = field(default=None, metadata={"help": "LLaVA JSON/JSONL for pt/sft without a cache."})
     images: str | None = field(default=None, metadata={
         "help": "Image folder for --data, or for a cache dumped with --no-embed-images."})
+    cache_dataset: str | None = field(default=None, metadata={
+        "help": "The dataset file a --no-embed-images cache was dumped from, where the path its manifest "
+                "records is not readable here (checked against the manifest's fingerprint)."})
     template: TemplateName | None = field(default=None, metadata={
         "help": "Conversation template.", "shown_default": f"the stage's: {_by_stage(lambda s: s.template)}"})
     max_length: int = field(default=2048, metadata={"help": "Longest sequence allowed, in tokens.", "ge": 1})

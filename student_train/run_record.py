@@ -30,7 +30,7 @@ RUN_RECORD = "run.json"        # RUN/run.json: the settings of the run's first s
 # records lacks (a field added or removed by a kdcache upgrade between them) is not compared.
 SAFE_TO_CHANGE = ("max_steps", "epochs", "save_every", "log_every", "num_workers", "progress", "device",
                   "grad_checkpointing", "chunk_rows", "fsdp", "trust_remote_code", "max_image_mb",
-                  "max_image_pixels")
+                  "max_image_pixels", "cache_dataset")
 # Not compared as given: the run itself (out, resume); cache and data are compared by content; grad_accum
 # through the samples per optimizer step (batch_size x grad_accum x world size), so a resume on another
 # world size with the same global batch is accepted.

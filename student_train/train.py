@@ -191,7 +191,7 @@ def build_dataset(cfg: TrainConfig, bundle: models.Bundle):
         if cfg.distills and cfg.gamma > 0 and not reader.manifest.get("relation", True):
             raise KdcacheError(f"cache {cfg.cache} was dumped with --no-relation; pass --gamma 0 to train without RDist")
         dataset = CacheDataset(reader, bundle.image_processor, images=cfg.images, with_targets=cfg.distills,
-                               image_limits=samples.image_limits(cfg))
+                               image_limits=samples.image_limits(cfg), dataset=cfg.cache_dataset)
         return dataset, reader.manifest["temperature"]
     dataset = JsonDataset(cfg.data, cfg.images, bundle.tokenizer, bundle.image_processor,
                           template=cfg.template, image_token_id=bundle.model.config.image_token_id,

@@ -11,7 +11,7 @@ import torch
 
 from kdcache import models, samples
 from kdcache.batches import CacheDataset, JsonDataset, StatefulLoader, collate, make_loader, pad_sequences
-from kdcache.errors import SampleError
+from kdcache.errors import KdcacheError, SampleError
 from kdcache.sampler import ResumableSampler
 from kdcache.reader import CacheReader
 from kdcache.writer import ShardWriter, finalize_cache, write_rank_report
@@ -309,6 +309,33 @@ def test_a_cache_without_embedded_images_reads_them_from_the_dataset_folder(tmp_
     (tmp_path / "images" / names[1]).write_bytes(raw[0])                 # a different image under that name
     with pytest.raises(SampleError, match="sha256"):
         dataset[1]
+
+
+def test_a_moved_dataset_file_of_a_cache_without_embedded_images_is_given_with_its_fingerprint_checked(
+        tmp_path, toy_images, processor):
+    names = toy_images(tmp_path / "images", count=2, size=IMAGE_SIZE)
+    raw = [(tmp_path / "images" / n).read_bytes() for n in names]
+    records = [{"id": f"s{i}", "image": n, "conversations": []} for i, n in enumerate(names)]
+    data = tmp_path / "elsewhere" / "data.json"                           # the dump's file, copied elsewhere
+    data.parent.mkdir()
+    data.write_text(json.dumps(records))
+    cache = tmp_path / "cache"
+    with ShardWriter(cache, k_response=K_R, k_visual=K_V) as writer:
+        for i in range(2):
+            writer.write(cache_sample(f"s{i}", raw[i], seed=i, embed=False))
+    write_rank_report(cache, 0, skipped=[])
+    finalize_cache(cache, {"images_embedded": False, "dataset": {
+        "source": "/data/of/another/lab/data.json", "images": str(tmp_path / "images"),
+        "fingerprint": samples.dataset_fingerprint(data)}})
+    with pytest.raises(KdcacheError, match="not readable here.*--cache-dataset"):
+        CacheDataset(CacheReader(cache), processor)
+    dataset = CacheDataset(CacheReader(cache), processor, dataset=data)
+    assert torch.equal(dataset[1]["pixel_values"], samples.pixel_values([samples.decode_image(raw[1], "s1")],
+                                                                        processor)[0])
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(records[::-1]))                          # the same samples, another file
+    with pytest.raises(KdcacheError, match="not the dataset cache .* was dumped from"):
+        CacheDataset(CacheReader(cache), processor, dataset=other)
 
 
 def test_json_dataset_supervises_only_the_answers(toy_dataset, toy_tokenizer, processor):
