@@ -15,11 +15,13 @@ from dataclasses import dataclass, fields
 import numpy as np
 import pyarrow as pa
 
-from kdcache.errors import CacheError
+from kdcache.errors import CacheError, one_line
 from kdcache.schema import (COLUMNS, IMAGE, IMAGE_SHA256, INPUT_IDS, NULLABLE, RAGGED, RELATION, RELATION_NORM,
                             RESPONSE_ROWS, ROLES, SAMPLE_ID, TOPK, TOPK_COLUMNS, VISUAL_LEN, VISUAL_START,
                             relation_size)
 
+
+ARROW_MESSAGE_CHARS = 300     # Arrow's messages about a corrupt buffer can run long: cut them in errors
 
 # What decoding an untrusted shard may raise besides CacheError: pyarrow's own errors, and what a
 # corrupt buffer makes Python's converters raise (bad UTF-8, bad sizes, out-of-range offsets).
@@ -121,7 +123,7 @@ class DecodedBatch:
         except CacheError:
             raise
         except READ_ERRORS as e:
-            raise CacheError(f"{label}: invalid record batch ({one_line(e)})") from e
+            raise CacheError(f"{label}: invalid record batch ({one_line(e, limit=ARROW_MESSAGE_CHARS)})") from e
         if self.num_rows:
             self._check(label)
 
@@ -329,9 +331,3 @@ def _valid(column: pa.Array) -> np.ndarray:
     if not column.null_count:
         return np.ones(len(column), bool)
     return column.is_valid().to_numpy(zero_copy_only=False)
-
-
-def one_line(error: BaseException | str) -> str:
-    """An error's text on one line (Arrow's messages span several), at most 300 characters."""
-    text = " ".join(str(error).split()) or type(error).__name__
-    return text if len(text) <= 300 else text[:297] + "..."

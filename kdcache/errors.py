@@ -34,9 +34,13 @@ def original_message(text: str) -> str:
     return last[match.end():].strip() if match else text
 
 
-def one_line(text: str) -> str:
-    """`text` (a worker's re-raise unwrapped to its original message) with its lines joined by spaces."""
-    return " ".join(line.strip() for line in original_message(str(text)).splitlines() if line.strip())
+def one_line(error: BaseException | str, *, limit: int | None = None) -> str:
+    """An error's text (a worker's re-raise unwrapped to its original message) with its lines joined by
+    spaces: the exception's type name when it has no text, cut to `limit` characters when given."""
+    text = " ".join(line.strip() for line in original_message(str(error)).splitlines() if line.strip())
+    if not text and isinstance(error, BaseException):
+        text = type(error).__name__
+    return text if limit is None or len(text) <= limit else text[:limit - 3] + "..."
 
 
 class KdcacheError(Exception):

@@ -21,8 +21,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from kdcache import schema
-from kdcache.encoding import READ_ERRORS, DecodedBatch, RowLimits, one_line
-from kdcache.errors import CacheError, KdcacheError
+from kdcache.encoding import ARROW_MESSAGE_CHARS as _CHARS, READ_ERRORS, DecodedBatch, RowLimits
+from kdcache.errors import CacheError, KdcacheError, one_line
 from kdcache.files import sha256_stream
 
 
@@ -109,7 +109,8 @@ def load_manifest(location: CacheLocation) -> dict:
         with location.open(schema.MANIFEST_NAME) as f:
             return json.loads(f.read())
     except (OSError, ValueError, RecursionError) as e:      # RecursionError: absurdly nested JSON
-        raise CacheError(f"{location.where(schema.MANIFEST_NAME)}: unreadable manifest ({one_line(e)})") from e
+        raise CacheError(f"{location.where(schema.MANIFEST_NAME)}: unreadable manifest "
+                         f"({one_line(e, limit=_CHARS)})") from e
 
 
 def _open_shard(source, where: str, expected: pa.Schema) -> tuple[pa.ipc.RecordBatchFileReader, np.ndarray, pa.ChunkedArray]:
@@ -132,7 +133,8 @@ def _open_shard(source, where: str, expected: pa.Schema) -> tuple[pa.ipc.RecordB
             try:
                 column.validate(full=True)
             except READ_ERRORS as e:
-                raise CacheError(f"{where}: record batch {b}: column {schema.SAMPLE_ID!r} is corrupt ({one_line(e)})") from e
+                raise CacheError(f"{where}: record batch {b}: column {schema.SAMPLE_ID!r} is corrupt "
+                                 f"({one_line(e, limit=_CHARS)})") from e
             if column.null_count:
                 raise CacheError(f"{where}: record batch {b}: column {schema.SAMPLE_ID!r} holds nulls")
             chunks.append(column)
@@ -147,7 +149,7 @@ def _open_shard(source, where: str, expected: pa.Schema) -> tuple[pa.ipc.RecordB
     except CacheError:
         raise
     except READ_ERRORS as e:
-        raise CacheError(f"{where}: not a readable Arrow IPC shard ({one_line(e)})") from e
+        raise CacheError(f"{where}: not a readable Arrow IPC shard ({one_line(e, limit=_CHARS)})") from e
     return reader, np.cumsum([0] + [len(chunk) for chunk in chunks]), ids
 
 
@@ -295,7 +297,7 @@ def decode_batch(reader: pa.ipc.RecordBatchFileReader, batch: int, batch_starts:
     try:
         record_batch = reader.get_batch(batch)
     except READ_ERRORS as e:
-        raise CacheError(f"{where}: cannot read record batch {batch} ({one_line(e)})") from e
+        raise CacheError(f"{where}: cannot read record batch {batch} ({one_line(e, limit=_CHARS)})") from e
     decoded = DecodedBatch(record_batch, where, limits, batch_index=batch)
     expected = int(batch_starts[batch + 1] - batch_starts[batch])
     if decoded.num_rows != expected:
@@ -320,9 +322,9 @@ def verify_cache(cache, *, quick: bool = False) -> list[str]:
         location = CacheLocation(cache)
         manifest = load_manifest(location)
     except KdcacheError as e:
-        return [one_line(e)]
+        return [one_line(e, limit=_CHARS)]
     except (OSError, ValueError) as e:        # e.g. an fsspec URL with an unknown protocol
-        return [f"{cache}: cannot open cache ({one_line(e)})"]
+        return [f"{cache}: cannot open cache ({one_line(e, limit=_CHARS)})"]
     faults = schema.manifest_faults(manifest, location.name)
     if faults:
         return faults
@@ -336,7 +338,7 @@ def verify_cache(cache, *, quick: bool = False) -> list[str]:
     if total != manifest["num_samples"]:
         faults.append(f"{location.where(schema.MANIFEST_NAME)}: num_samples is {manifest['num_samples']} "
                       f"but its shards hold {total}")
-    return [one_line(fault) for fault in faults]
+    return [one_line(fault, limit=_CHARS) for fault in faults]
 
 
 def _shard_faults(location: CacheLocation, entry: dict, expected: pa.Schema, owner: dict[str, str],
@@ -357,7 +359,7 @@ def _shard_faults(location: CacheLocation, entry: dict, expected: pa.Schema, own
     except CacheError as e:
         return [str(e)]
     except READ_ERRORS as e:
-        return [f"{where}: cannot be read ({one_line(e)})"]
+        return [f"{where}: cannot be read ({one_line(e, limit=_CHARS)})"]
     faults = []
     if len(ids) != entry["num_samples"]:
         faults.append(f"{where}: holds {len(ids)} samples, the manifest says {entry['num_samples']}")
