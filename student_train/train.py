@@ -159,7 +159,6 @@ def refuse_used_run_dir(run_dir: Path, cfg: TrainConfig) -> None:
         raise KdcacheError(f"{run_dir} is not empty; pass --resume to continue it or choose another --out")
 
 
-
 def prepare_student(model, cfg: TrainConfig):
     """Freeze everything but the stage's parts; train mode except for the frozen tower."""
     set_trainable(model, cfg.trainable)
@@ -206,8 +205,7 @@ def setup_data(cfg: TrainConfig, bundle: models.Bundle, topo, settings: dict) ->
     Once the inputs are known to be valid, rank 0 records a first start (`record_run`).
     """
     dataset, temperatures = build_dataset(cfg, bundle)
-    if topo.is_main:
-        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    if topo.is_main:                                  # RUN/ exists: the lock made it
         record_run(Path(cfg.out), cfg, settings, topo.world_size)
     distributed.barrier()
     per_rank_step = cfg.batch_size * cfg.grad_accum   # samples one rank consumes per optimizer step

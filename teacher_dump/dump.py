@@ -99,8 +99,7 @@ def run_dump(cfg: DumpConfig, topo, out: Path) -> dict | None:
     dataset = load_dataset(cfg)
     device = distributed.resolve_device(cfg.device, topo)
     bundle, teacher = load_teacher(cfg, device, models.resolve_dtype(cfg.dtype, device))
-    run = run_description(cfg, bundle, teacher, topo.world_size)
-    out.mkdir(parents=True, exist_ok=True)
+    run = run_description(cfg, bundle, teacher, topo.world_size)     # --out exists: the lock made it
     lock.on_main_rank(lambda: check_or_record_run(out, run), is_main=topo.is_main)
     distributed.barrier()
 
