@@ -1,7 +1,10 @@
 """What the student optimises: CE, sparse forward KL against cached top-k targets, relation cosine.
 
 Pure torch, float32 inside (half/bf16 inputs are upcast; autocast is switched off around the
-LM head). The LLaVA-KD objective (arXiv 2410.16236, docs/design.md §5):
+LM head). With `matmul_dtype=torch.bfloat16` (the trainer on CUDA in bf16) the LM-head GEMMs,
+forward and backward, take bf16 operands with float32 accumulation and output; the log-softmax,
+CE, KL and relation arithmetic stays float32. The LLaVA-KD objective (arXiv 2410.16236,
+docs/design.md §5):
 
     L = L_reg + alpha L_res + beta L_vis + gamma L_rel
 
@@ -27,8 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from kdcache.targets import (compute_dtype, gram_matrix, relation_from_hidden, unpack_upper, upcast,
-                             visual_len_of_packed)
+from kdcache.targets import (HALF_DTYPES, compute_dtype, gram_matrix, gram_weight_grad, half_mm, relation_from_hidden,
+                             unpack_upper, upcast, visual_len_of_packed)
 
 TAILS = ("bucket", "renorm")
 LOSS_NORMS = ("token", "sample")
@@ -178,23 +181,128 @@ def relation_loss(student_relation: Tensor, teacher_packed: Tensor) -> Tensor:
     return 1.0 - cos
 
 
+# --- the student's Gram matrix, once per optimizer step
+
+
+class StepGram:
+    """`G = WᵀW` of a trained LM head once per optimizer step under gradient accumulation, its W-gradient once too.
+
+    W changes only at the optimizer step, yet computing G with grad in every micro-batch costs a V x D x D
+    matmul forward and another backward per micro-batch. Instead: call `start(micro, count)` before each
+    micro-batch, then `gram(W)` inside its forward. The first micro-batch computes G without a graph; every
+    micro-batch's backward adds its dL/dG to a (D, D) sum, and the last one's backward returns
+    `W (S + Sᵀ)` (`targets.gram_weight_grad`) as W's gradient, inside that backward, where DDP's all-reduce
+    and FSDP's reduce-scatter see it. The same gradient as per micro-batch, up to float32 summation order.
+    The last micro-batch's loss must reach `gram(W)` (add `0 * G.sum()`: its relation term may be absent).
+    Outside start(): `active` is False and the caller computes G per call as before.
+    """
+
+    def __init__(self) -> None:
+        self.value: Tensor | None = None        # (D, D) G of this step's W, no graph
+        self.grad_sum: Tensor | None = None     # (D, D) sum of dL/dG over the step's micro-batches so far
+        self.last = False
+        self.active = False
+
+    def start(self, micro: int, count: int) -> None:
+        if micro == 0:
+            self.value = self.grad_sum = None
+        self.last, self.active = micro == count - 1, True
+
+    def gram(self, lm_head_weight: Tensor) -> Tensor:
+        if self.value is None:
+            with torch.no_grad():
+                self.value = gram_matrix(lm_head_weight)
+        return _StepGram.apply(lm_head_weight, self, self.last)
+
+
+class _StepGram(torch.autograd.Function):
+    """G (a copy) in forward; in backward accumulate dL/dG, and on the step's last micro-batch return W's gradient."""
+
+    @staticmethod
+    def forward(ctx, lm_head_weight, state: StepGram, last: bool):
+        ctx.save_for_backward(lm_head_weight)
+        ctx.state, ctx.last = state, last
+        return state.value.clone()
+
+    @staticmethod
+    def backward(ctx, grad_gram):
+        state = ctx.state
+        state.grad_sum = grad_gram if state.grad_sum is None else state.grad_sum + grad_gram
+        if not ctx.last:
+            return None, None, None
+        (lm_head_weight,) = ctx.saved_tensors
+        grad = gram_weight_grad(lm_head_weight, state.grad_sum)
+        state.grad_sum = None
+        return grad, None, None
+
+
 # --- chunked row losses
 
 
-def _chunk_logits(hidden: Tensor, lm_head_weight: Tensor, temperature: float) -> Tensor:
-    """(n, V) `hidden Wᵀ / T` in the compute dtype (float32, or float64 for float64 inputs), autocast off."""
-    dtype = compute_dtype(hidden, lm_head_weight)
+def lowered_head(lm_head_weight: Tensor, matmul_dtype: torch.dtype | None) -> Tensor | None:
+    """The LM head's GEMM operand: W in `matmul_dtype` (bf16/fp16; made once per loss call), or None for float32 GEMMs.
+
+    A bf16 operand rounds W (float32 master weights) to 8 significant bits, as autocast does for
+    every other linear layer; the GEMM accumulates and returns float32 (`targets.half_mm`), and the
+    log-softmax, CE and KL arithmetic stay float32 (error bound: docs/decisions.md, "LM-head GEMM").
+    """
+    if matmul_dtype is None:
+        return None
+    if matmul_dtype not in HALF_DTYPES:
+        raise ValueError(f"matmul_dtype must be None, torch.bfloat16 or torch.float16, got {matmul_dtype}")
+    return lm_head_weight.detach().to(matmul_dtype)                          # (V, D)
+
+
+class _LoweredLogits(torch.autograd.Function):
+    """`hidden Wᵀ` (n, V) float32 from half operands (`lowered` = W in bf16), differentiable in hidden and W.
+
+    Forward and both backward GEMMs run on half operands with float32 accumulation and output, as
+    autocast's linear layers do (dL/dz is rounded to the half dtype for the backward GEMMs).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, lm_head_weight, lowered):
+        ctx.save_for_backward(hidden, lowered)
+        ctx.weight_dtype = lm_head_weight.dtype
+        return half_mm(hidden.to(lowered.dtype), lowered.T)
+
+    @staticmethod
+    def backward(ctx, grad_logits):
+        hidden, lowered = ctx.saved_tensors
+        grad_hidden, grad_weight = _half_backward(grad_logits, hidden, lowered, ctx.needs_input_grad[:2],
+                                                  ctx.weight_dtype)
+        return grad_hidden, grad_weight, None
+
+
+def _half_backward(grad_logits: Tensor, hidden: Tensor, lowered: Tensor, needs: tuple[bool, bool],
+                   weight_dtype: torch.dtype) -> tuple[Tensor | None, Tensor | None]:
+    """dL/dhidden = dz W and dL/dW = dzᵀ hidden as half-operand GEMMs (float32 accumulation), in the inputs' dtypes."""
+    dz = grad_logits.to(lowered.dtype)                                       # (n, V)
+    grad_hidden = half_mm(dz, lowered).to(hidden.dtype) if needs[0] else None
+    grad_weight = half_mm(dz.T, hidden.to(lowered.dtype)).to(weight_dtype) if needs[1] else None
+    return grad_hidden, grad_weight
+
+
+def _chunk_logits(hidden: Tensor, lm_head_weight: Tensor, temperature: float, lowered: Tensor | None = None) -> Tensor:
+    """(n, V) `hidden Wᵀ / T` in the compute dtype (float32, or float64 for float64 inputs), autocast off.
+
+    With `lowered` (W in bf16, `lowered_head`) the GEMM multiplies half operands, float32 out.
+    """
     with torch.autocast(hidden.device.type, enabled=False):
-        logits = hidden.to(dtype) @ lm_head_weight.to(dtype).T
+        if lowered is not None:
+            logits = _LoweredLogits.apply(hidden, lm_head_weight, lowered)
+        else:
+            dtype = compute_dtype(hidden, lm_head_weight)
+            logits = hidden.to(dtype) @ lm_head_weight.to(dtype).T
     if temperature != 1.0:
         logits /= temperature
     return logits
 
 
-def _chunk_losses(hidden: Tensor, lm_head_weight: Tensor, labels: Tensor | None, topk_ids: Tensor | None,
-                  topk_logprobs: Tensor | None, *, temperature: float, tail: str):
+def _chunk_losses(hidden: Tensor, lm_head_weight: Tensor, lowered: Tensor | None, labels: Tensor | None,
+                  topk_ids: Tensor | None, topk_logprobs: Tensor | None, *, temperature: float, tail: str):
     """CE and sparse KL of one chunk of rows through autograd (the general path beside `_BucketRows`)."""
-    logits = _chunk_logits(hidden, lm_head_weight, 1.0)                     # (n, V); sparse_kl applies T
+    logits = _chunk_logits(hidden, lm_head_weight, 1.0, lowered)            # (n, V); sparse_kl applies T
     ce = F.cross_entropy(logits, labels, reduction="none") if labels is not None else None
     kl = (sparse_kl(logits, topk_ids, topk_logprobs, temperature=temperature, tail=tail)
           if topk_ids is not None else None)
@@ -225,9 +333,9 @@ class _BucketRows(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, lm_head_weight, labels, topk_ids, topk_logprobs, temperature):
+    def forward(ctx, hidden, lm_head_weight, lowered, labels, topk_ids, topk_logprobs, temperature):
         temperature = temperature if topk_ids is not None else 1.0
-        z = _chunk_logits(hidden, lm_head_weight, temperature)              # (n, V), overwritten below
+        z = _chunk_logits(hidden, lm_head_weight, temperature, lowered)     # (n, V), overwritten below
         z_label = z.gather(1, labels[:, None]).squeeze(1) if labels is not None else None
         pivot = lse_out = z_k = None
         if topk_ids is None:
@@ -253,13 +361,14 @@ class _BucketRows(torch.autograd.Function):
                 p_tail = torch.where(has_tail, p_tail, 0.0)
                 kl = kl + p_tail * (torch.log(torch.where(has_tail, p_tail, 1.0)) - (lse_out - lse))
         ctx.temperature = temperature
-        ctx.save_for_backward(hidden, lm_head_weight, labels, topk_ids, topk_logprobs, lse, pivot, lse_out, p_tail)
+        ctx.save_for_backward(hidden, lm_head_weight, lowered, labels, topk_ids, topk_logprobs, lse, pivot, lse_out,
+                              p_tail)
         return ce, kl
 
     @staticmethod
     def backward(ctx, g_ce, g_kl):
-        hidden, weight, labels, topk_ids, topk_logprobs, lse, pivot, lse_out, p_tail = ctx.saved_tensors
-        z = _chunk_logits(hidden, weight, ctx.temperature)                  # (n, V): logits, then dL/dz
+        hidden, weight, lowered, labels, topk_ids, topk_logprobs, lse, pivot, lse_out, p_tail = ctx.saved_tensors
+        z = _chunk_logits(hidden, weight, ctx.temperature, lowered)         # (n, V): logits, then dL/dz
         a = torch.zeros_like(lse) + (g_ce if labels is not None else 0.0)   # (n,) coefficient of q_i
         if topk_ids is None:
             z.sub_(pivot[:, None]).exp_().mul_((a * (pivot - lse).exp())[:, None])
@@ -281,11 +390,14 @@ class _BucketRows(torch.autograd.Function):
             z.scatter_add_(1, labels[:, None], -g_ce[:, None].to(z.dtype))
         grad_hidden = grad_weight = None
         with torch.autocast(z.device.type, enabled=False):
-            if ctx.needs_input_grad[0]:
-                grad_hidden = (z @ weight.to(z.dtype)).to(hidden.dtype)     # (n, D)
-            if ctx.needs_input_grad[1]:
-                grad_weight = (z.T @ hidden.to(z.dtype)).to(weight.dtype)   # (V, D)
-        return grad_hidden, grad_weight, None, None, None, None
+            if lowered is not None:                                          # half-operand GEMMs, float32 out
+                grad_hidden, grad_weight = _half_backward(z, hidden, lowered, ctx.needs_input_grad[:2], weight.dtype)
+            else:
+                if ctx.needs_input_grad[0]:
+                    grad_hidden = (z @ weight.to(z.dtype)).to(hidden.dtype)     # (n, D)
+                if ctx.needs_input_grad[1]:
+                    grad_weight = (z.T @ hidden.to(z.dtype)).to(weight.dtype)   # (V, D)
+        return grad_hidden, grad_weight, None, None, None, None, None
 
 
 def _fast_path(tail: str, with_ce: bool, topk_ids: Tensor | None, temperature: float, *, vocab_size: int) -> bool:
@@ -301,7 +413,8 @@ def _fast_path(tail: str, with_ce: bool, topk_ids: Tensor | None, temperature: f
 
 def row_losses(hidden: Tensor, lm_head_weight: Tensor, *, labels: Tensor | None = None,
                topk_ids: Tensor | None = None, topk_logprobs: Tensor | None = None, temperature: float = 1.0,
-               tail: str = "bucket", chunk_rows: int = 512) -> tuple[Tensor | None, Tensor | None]:
+               tail: str = "bucket", chunk_rows: int = 512,
+               lowered: Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
     """Per-row CE (T = 1) and sparse KL (temperature T) of `logits = hidden Wᵀ`, chunked.
 
     hidden (N, D), lm_head_weight (V, D) any float dtype; labels (N,) int64 or None; topk_ids,
@@ -313,7 +426,8 @@ def row_losses(hidden: Tensor, lm_head_weight: Tensor, *, labels: Tensor | None 
     `_chunk_losses` under activation checkpointing. Values and gradients equal the unchunked ones.
     Top-k ids >= V (a teacher head padded past the student's) are dropped, their mass left to the
     tail (`_fold_out_of_range`). N = 0 gives empty (0,) tensors that are still attached to the graph
-    (their sum has a grad).
+    (their sum has a grad). `lowered` (`lowered_head(W, torch.bfloat16)`) runs the LM-head GEMMs,
+    forward and backward, on bf16 operands with float32 accumulation and output; None: float32 GEMMs.
     """
     if (topk_ids is None) != (topk_logprobs is None):
         raise ValueError("topk_ids and topk_logprobs must be given together")
@@ -325,7 +439,7 @@ def row_losses(hidden: Tensor, lm_head_weight: Tensor, *, labels: Tensor | None 
     ce_parts, kl_parts = [], []
     for start in range(0, max(hidden.shape[0], 1), chunk_rows):             # N = 0: one empty chunk
         rows = slice(start, start + chunk_rows)
-        args = (hidden[rows], lm_head_weight, None if labels is None else labels[rows],
+        args = (hidden[rows], lm_head_weight, lowered, None if labels is None else labels[rows],
                 None if topk_ids is None else topk_ids[rows], None if topk_ids is None else topk_logprobs[rows])
         if fast:
             ce, kl = _BucketRows.apply(*args, temperature)
@@ -374,12 +488,15 @@ def _relation_term(hidden: Tensor, lm_head_weight: Tensor, batch: dict, gram: Te
 def distill_loss(hidden: Tensor, lm_head_weight: Tensor, batch: dict, *, alpha: float = 1.0, beta: float = 1.0,
                  gamma: float = 0.5, temperature_response: float = 1.0, temperature_visual: float = 1.0,
                  tail: str = "bucket", loss_norm: str = "token", chunk_rows: int = 512,
-                 gram: Tensor | None = None) -> dict[str, Tensor]:
+                 gram: Tensor | None = None, matmul_dtype: torch.dtype | None = None) -> dict[str, Tensor]:
     """The LLaVA-KD loss of one batch: `L = L_reg + alpha L_res + beta L_vis + gamma L_rel`.
 
     hidden (B, T, D) final (post-norm) student hidden states, any float dtype; lm_head_weight
     (V, D); batch: the collate dict of docs/design.md §7, CE-only without `response_topk_ids`.
-    `gram` = WᵀW may be passed when W is frozen; otherwise it is computed here, with grad.
+    `gram` = WᵀW may be passed (a constant when W is frozen, or a tensor whose graph leads to W, as
+    the trainer's once-per-step Gram does); otherwise it is computed here, with grad.
+    `matmul_dtype` (torch.bfloat16: the trainer on CUDA) multiplies the LM head in that dtype with
+    float32 accumulation (`lowered_head`); None keeps every GEMM float32 (the CPU path).
 
     loss_norm="token" averages CE and each KL over all rows of the batch; "sample" averages
     each sample's mean over its rows (samples without such rows left out). L_rel is a mean over
@@ -396,12 +513,13 @@ def distill_loss(hidden: Tensor, lm_head_weight: Tensor, batch: dict, *, alpha: 
     distill = "response_topk_ids" in batch
     terms = {"ce": zero, "kl_response": zero, "kl_visual": zero, "relation": zero}
 
+    lowered = lowered_head(lm_head_weight, matmul_dtype)                    # (V, D) bf16 or None, once per call
     r_index = batch["response_index"]                                        # (N_r, 2) [b, t]
     with_kl = distill and alpha != 0
     ce, kl = row_losses(hidden[r_index[:, 0], r_index[:, 1]], lm_head_weight, labels=batch["response_labels"],
                         topk_ids=batch["response_topk_ids"] if with_kl else None,
                         topk_logprobs=batch["response_topk_logprobs"] if with_kl else None,
-                        temperature=temperature_response, tail=tail, chunk_rows=chunk_rows)
+                        temperature=temperature_response, tail=tail, chunk_rows=chunk_rows, lowered=lowered)
     terms["ce"] = _reduce(ce, r_index[:, 0], loss_norm, batch_size)
     if with_kl:
         terms["kl_response"] = _reduce(kl, r_index[:, 0], loss_norm, batch_size)
@@ -409,7 +527,7 @@ def distill_loss(hidden: Tensor, lm_head_weight: Tensor, batch: dict, *, alpha: 
         v_index = batch["visual_index"]                                      # (N_v, 2) [b, t]
         _, kl = row_losses(hidden[v_index[:, 0], v_index[:, 1]], lm_head_weight,
                            topk_ids=batch["visual_topk_ids"], topk_logprobs=batch["visual_topk_logprobs"],
-                           temperature=temperature_visual, tail=tail, chunk_rows=chunk_rows)
+                           temperature=temperature_visual, tail=tail, chunk_rows=chunk_rows, lowered=lowered)
         terms["kl_visual"] = _reduce(kl, v_index[:, 0], loss_norm, batch_size)
     relation_index = batch.get("relation_index")                             # (S,) or absent
     if distill and gamma != 0 and relation_index is not None and relation_index.numel() > 0:

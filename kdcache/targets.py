@@ -7,9 +7,13 @@ Pure torch, float32 inside. Two quantities (docs/design.md §3):
   `visual_len x V` visual logits, computed as `R = H (WᵀW) Hᵀ` so that `Y` never exists, and
   stored divided by its Frobenius norm as a packed upper triangle in float16.
 
-Precision: every matmul here runs in float32 (bf16/fp16 inputs are upcast; all-float64 inputs
-stay float64). On CUDA this assumes TF32 matmuls are off (torch's default); with TF32 on,
-logits lose ~3 decimal digits.
+Precision: logits, log-softmax, top-k and the relation are float32 (all-float64 inputs stay
+float64). The LM-head GEMM (`head_logits`) never copies the whole (V, D) head to float32: a bf16
+(fp16) head with hidden states of the same dtype on CUDA is multiplied on the tensor cores with
+float32 accumulation and output (`half_mm`: the product of two bf16 numbers is exact in float32, so
+this is the upcast product up to summation order); a float32 head is used as it is; any other mix is
+upcast `UPCAST_ROWS` vocabulary rows at a time. Float32 GEMMs on CUDA assume TF32 is off (torch's
+default); with TF32 on, logits lose ~3 decimal digits.
 """
 
 from __future__ import annotations
@@ -32,6 +36,61 @@ def upcast(x: Tensor) -> Tensor:
     return x.to(compute_dtype(x))
 
 
+# --- the LM-head GEMM
+
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+UPCAST_ROWS = 16384          # vocabulary rows of a low-precision head upcast at a time (route "upcast")
+
+
+def head_route(device_type: str, hidden_dtype: torch.dtype, weight_dtype: torch.dtype) -> str:
+    """How `head_logits` multiplies hidden states by the LM head, from where and in what dtypes they are.
+
+    "half"    CUDA, hidden and W both bf16 (or both fp16): one GEMM of the half operands on the tensor
+              cores, float32 accumulation and output (`half_mm`); no copy of W;
+    "direct"  W already in the compute dtype (float32, or float64 with float64 hidden): one GEMM, no copy;
+    "upcast"  anything else (a bf16 head on the CPU, float32 hidden with a bf16 head): W upcast to float32
+              `UPCAST_ROWS` rows at a time into the logit block, never as a whole.
+    """
+    if device_type == "cuda" and hidden_dtype == weight_dtype and weight_dtype in HALF_DTYPES:
+        return "half"
+    both64 = hidden_dtype == weight_dtype == torch.float64
+    return "direct" if weight_dtype == (torch.float64 if both64 else torch.float32) else "upcast"
+
+
+def half_mm(a: Tensor, b: Tensor) -> Tensor:
+    """`a @ b` of two bf16 (or two fp16) matrices as float32, accumulated in float32.
+
+    On CUDA `torch.mm(a, b, out_dtype=torch.float32)` (cuBLAS on the tensor cores). Elsewhere the same
+    arithmetic from the upcast operands: a product of two bf16 (fp16) numbers has at most 16 (22)
+    significant bits and is exact in float32, so the two differ only in summation order (and the
+    tensor cores' accumulation rounding), |difference| <~ 2 D 2^-24 sum_d |a_d b_d|. Not differentiable.
+    """
+    if a.dtype != b.dtype or a.dtype not in HALF_DTYPES:
+        raise ValueError(f"half_mm takes two bf16 or two fp16 matrices, got {a.dtype} and {b.dtype}")
+    if a.device.type == "cuda":
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()
+
+
+def head_logits(hidden: Tensor, lm_head_weight: Tensor) -> Tensor:
+    """`hidden Wᵀ` (n, V) in the compute dtype (float32; float64 for float64 inputs) by `head_route`.
+
+    hidden (n, D), lm_head_weight (V, D) any float dtypes. Call it with autocast off. Not
+    differentiable through the "half" route (the student's losses wrap their own GEMMs).
+    """
+    route = head_route(hidden.device.type, hidden.dtype, lm_head_weight.dtype)
+    if route == "half":
+        return half_mm(hidden, lm_head_weight.T)
+    dtype = compute_dtype(hidden, lm_head_weight)
+    h = hidden.to(dtype)                                                   # (n, D)
+    if route == "direct":
+        return h @ lm_head_weight.T
+    logits = h.new_empty(h.shape[0], lm_head_weight.shape[0])              # (n, V)
+    for start in range(0, lm_head_weight.shape[0], UPCAST_ROWS):
+        logits[:, start: start + UPCAST_ROWS] = h @ lm_head_weight[start: start + UPCAST_ROWS].to(dtype).T
+    return logits
+
+
 # --- top-k log-probs
 
 
@@ -45,9 +104,10 @@ def topk_logprobs(hidden: Tensor, lm_head_weight: Tensor, *, k: int, temperature
 
     hidden (N, D) any float dtype, lm_head_weight (V, D) (no bias) -> ids (N, K) int64,
     logprobs (N, K) float32 (float64 if both inputs are float64). The LM head is applied in
-    float32 even when the model runs in bf16; rows are processed `chunk_rows` at a time so that
-    at most a (chunk_rows, V) logit block exists. N = 0 gives (0, K) outputs. Ties in the logits
-    are broken by torch.topk (unspecified order among equal values).
+    float32 even when the model runs in bf16 (`head_logits`: on CUDA a bf16 GEMM with float32
+    accumulation and output, the same logits as the upcast up to summation order); rows are processed
+    `chunk_rows` at a time so that at most a (chunk_rows, V) logit block exists. N = 0 gives (0, K)
+    outputs. Ties in the logits are broken by torch.topk (unspecified order among equal values).
     """
     n, d = hidden.shape
     v, d_w = lm_head_weight.shape
@@ -58,12 +118,11 @@ def topk_logprobs(hidden: Tensor, lm_head_weight: Tensor, *, k: int, temperature
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     dtype = compute_dtype(hidden, lm_head_weight)
-    weight = lm_head_weight.to(dtype)                                      # (V, D) float32, once per call
     ids = torch.empty(n, k, dtype=torch.long, device=hidden.device)        # (N, K) int64
     logprobs = torch.empty(n, k, dtype=dtype, device=hidden.device)        # (N, K) float32
     with torch.autocast(hidden.device.type, enabled=False):
         for start in range(0, n, chunk_rows):
-            logits = hidden[start: start + chunk_rows].to(dtype) @ weight.T    # (n, V) float32
+            logits = head_logits(hidden[start: start + chunk_rows], lm_head_weight)   # (n, V) float32
             if temperature != 1.0:
                 logits /= temperature
             # log_softmax = logits - logsumexp; top-k of the logits is the top-k of log_softmax,
@@ -119,14 +178,21 @@ class _Gram(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_gram: Tensor):
         (lm_head_weight,) = ctx.saved_tensors
-        dtype = compute_dtype(lm_head_weight)
-        sym = (grad_gram + grad_gram.T).to(dtype)                              # (D, D)
-        grad = torch.empty_like(lm_head_weight)                                # (V, D), W's dtype
-        with torch.autocast(lm_head_weight.device.type, enabled=False):
-            for start in range(0, lm_head_weight.shape[0], ctx.chunk):
-                w = lm_head_weight[start: start + ctx.chunk].to(dtype)
-                grad[start: start + ctx.chunk] = w @ sym
-        return grad, None
+        return gram_weight_grad(lm_head_weight, grad_gram, chunk=ctx.chunk), None
+
+
+def gram_weight_grad(lm_head_weight: Tensor, grad_gram: Tensor, *, chunk: int = 16384) -> Tensor:
+    """dL/dW of `G = WᵀW` given dL/dG: `W (dG + dGᵀ)`, one (c, D) x (D, D) matmul per vocabulary chunk.
+
+    lm_head_weight (V, D), grad_gram (D, D) -> (V, D) in W's dtype; only a (c, D) slice of W is upcast at a time.
+    """
+    dtype = compute_dtype(lm_head_weight)
+    sym = (grad_gram + grad_gram.T).to(dtype)                                  # (D, D)
+    grad = torch.empty_like(lm_head_weight)                                    # (V, D), W's dtype
+    with torch.autocast(lm_head_weight.device.type, enabled=False):
+        for start in range(0, lm_head_weight.shape[0], chunk):
+            grad[start: start + chunk] = lm_head_weight[start: start + chunk].to(dtype) @ sym
+    return grad
 
 
 def relation_from_hidden(hidden_visual: Tensor, gram: Tensor) -> Tensor:
@@ -184,9 +250,26 @@ def normalized_relation(relation: Tensor) -> tuple[Tensor, float]:
     overflow (raw values can). A zero (or empty) matrix gives zeros and norm 0.0; a non-finite
     matrix raises ValueError rather than writing NaN into a cache.
     """
-    relation64 = relation.to(torch.float64)                                 # (L, L)
-    norm = torch.linalg.matrix_norm(relation64, ord="fro").item() if relation.numel() else 0.0
+    packed, norm = normalized_relation_on_device(relation)
+    norm = norm.item()
     if not math.isfinite(norm):
-        raise ValueError("relation matrix has non-finite entries (teacher hidden states overflowed?)")
-    scaled = relation64 / norm if norm > 0 else relation64
+        raise ValueError(NON_FINITE_RELATION)
+    return packed, norm
+
+
+NON_FINITE_RELATION = "relation matrix has non-finite entries (teacher hidden states overflowed?)"
+
+
+def normalized_relation_on_device(relation: Tensor) -> tuple[Tensor, Tensor]:
+    """`normalized_relation` without a device synchronisation: (packed float16, norm as a 0-d float64 tensor).
+
+    The same arithmetic (values bit for bit on the CPU); the caller checks that the norm is finite
+    (a non-finite norm leaves the packed values meaningless) once the values reach the host.
+    """
+    relation64 = relation.to(torch.float64)                                 # (L, L)
+    if relation.numel():
+        norm = torch.linalg.matrix_norm(relation64, ord="fro")             # () float64
+    else:
+        norm = relation64.new_zeros(())
+    scaled = relation64 / torch.where(norm > 0, norm, 1.0)                  # x / 1 is x: a zero matrix stays
     return pack_upper(scaled).to(torch.float16), norm

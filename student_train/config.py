@@ -14,9 +14,13 @@ from typing import Literal, NamedTuple, get_args
 
 from kdcache.config import DEVICE_PATTERN, MAX_IMAGE_MB, MAX_IMAGE_PIXELS, check_fields
 from kdcache.errors import KdcacheError
+from kdcache.remote import RemoteConfig
 from kdcache.templates import TemplateName
 
 StageName = Literal["pt", "sft", "dpt", "dft"]
+# The training --dtype names (`models.resolve_dtype` maps them): the compute dtype only; there is no float16 (it
+# would need loss scaling) and master weights and optimizer state are float32 whatever is chosen.
+TrainDTypeName = Literal["auto", "bfloat16", "bf16", "float32", "fp32"]
 
 
 class Stage(NamedTuple):
@@ -42,7 +46,7 @@ def _by_stage(value) -> str:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(RemoteConfig):       # + how a cache URL is reached: storage options, network, shard cache
     stage: StageName = field(metadata={"help": "Training stage: pt and sft learn from data, dpt and dft distill "
                                                "from a cache."})
     student: str = field(metadata={"help": "Student: checkpoint dir, hub id or preset."})
@@ -82,6 +86,10 @@ class TrainConfig:
     chunk_rows: int = field(default=512, metadata={"help": "Rows per LM-head chunk in the losses.", "ge": 1})
     grad_checkpointing: bool = field(default=False, metadata={"help": "Recompute LLM activations in backward."})
     fsdp: bool = field(default=False, metadata={"help": "Shard the student with FSDP instead of DDP."})
+    dtype: TrainDTypeName = field(default="auto", metadata={
+        "help": "Compute dtype of the forward and backward (autocast; on CUDA also the LM-head GEMMs, float32 "
+                "accumulated); weights and optimizer state stay float32. auto: bfloat16 on a GPU that supports it, "
+                "float32 elsewhere."})
     seed: int = field(default=0, metadata={"help": "Seed for init and data order.", "ge": 0, "le": 2**64 - 1})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda.", "pattern": DEVICE_PATTERN,
                                                   "pattern_help": "auto, cpu, cuda or cuda:N"})

@@ -40,28 +40,50 @@ NONFINITE = "nonfinite"        # a flag summed over ranks with the step's metric
 
 
 class StudentLoss(torch.nn.Module):
-    """The student forward that DDP wraps: hidden states, then the losses at the rows that need logits."""
+    """The student forward that DDP wraps: hidden states, then the losses at the rows that need logits.
+
+    The forward runs under autocast in the compute dtype (`--dtype`; bf16 on a GPU by default, float32 on
+    the CPU); on CUDA in bf16 the LM-head GEMMs of the losses also take bf16 operands (float32 accumulation
+    and output, `losses.lowered_head`). Parameters and optimizer state stay float32. With RDist on a trained
+    head, `start_micro_batch` makes G = WᵀW once per optimizer step (`losses.StepGram`).
+    """
 
     def __init__(self, model, cfg: TrainConfig, temperatures: dict, gram: torch.Tensor | None):
         super().__init__()
         self.model = model
         self.cfg = cfg
         self.temperatures = temperatures
-        self.gram = gram            # (D, D) when the LM head is frozen, else computed with grad per step
+        self.gram = gram            # (D, D) when the LM head is frozen, else computed with grad (once per step)
         self.sharded = False        # set by shard_with_fsdp: every rank must then produce the same gradients
+        device = next(model.parameters()).device
+        self.compute_dtype = models.resolve_dtype(cfg.dtype, device)
+        self.matmul_dtype = lm_head_matmul_dtype(device, self.compute_dtype)
+        self.step_gram = losses.StepGram() if gram is None and cfg.distills and cfg.gamma > 0 else None
+
+    def start_micro_batch(self, micro: int, count: int) -> None:
+        """Before micro-batch `micro` of the step's `count`: G is made on the first, its gradient applied on the last."""
+        if self.step_gram is not None:
+            self.step_gram.start(micro, count)
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         device = next(self.model.parameters()).device
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+        autocast = (torch.autocast(device.type, dtype=self.compute_dtype) if self.compute_dtype != torch.float32
+                    else nullcontext())
         with autocast:
             hidden = models.final_hidden_states(self.model, batch["input_ids"], batch["attention_mask"],
                                                 batch["pixel_values"])                      # (B, T, D)
+        lm_head = models.lm_head_weight(self.model)
+        per_step = self.step_gram is not None and self.step_gram.active and torch.is_grad_enabled()
+        gram = self.step_gram.gram(lm_head) if per_step else self.gram
         weight = 1.0 if self.cfg.distills else 0.0          # pt / sft: CE only
         out = losses.distill_loss(
-            hidden, models.lm_head_weight(self.model), batch,
+            hidden, lm_head, batch,
             alpha=weight * self.cfg.alpha, beta=weight * self.cfg.beta, gamma=weight * self.cfg.gamma,
             temperature_response=self.temperatures["response"], temperature_visual=self.temperatures["visual"],
-            tail=self.cfg.tail, loss_norm=self.cfg.loss_norm, chunk_rows=self.cfg.chunk_rows, gram=self.gram)
+            tail=self.cfg.tail, loss_norm=self.cfg.loss_norm, chunk_rows=self.cfg.chunk_rows, gram=gram,
+            matmul_dtype=self.matmul_dtype)
+        if per_step:                # the backward must reach G even without a relation term (StepGram)
+            out["loss"] = out["loss"] + 0.0 * gram.sum()
         if torch.is_grad_enabled() and batch["pixel_values"] is None and (self.sharded or not out["loss"].requires_grad):
             # A micro-batch without images never reaches the projector. In pt/dpt (the projector is all that
             # trains) the loss then has no gradient at all; under FSDP the ranks' gradient reduce-scatters
@@ -70,6 +92,12 @@ class StudentLoss(torch.nn.Module):
             projector = self.model.model.multi_modal_projector.parameters()
             out["loss"] = out["loss"] + 0.0 * sum(p.sum() for p in projector if p.requires_grad)
         return out
+
+
+def lm_head_matmul_dtype(device: torch.device, compute_dtype: torch.dtype) -> torch.dtype | None:
+    """The LM head's GEMM operand dtype in the losses: bf16 on CUDA when the compute dtype is bf16 (tensor cores,
+    float32 accumulation); None (float32 GEMMs, today's numerics) on the CPU and in float32 runs."""
+    return torch.bfloat16 if device.type == "cuda" and compute_dtype == torch.bfloat16 else None
 
 
 def train(cfg: TrainConfig) -> Path | None:
@@ -306,9 +334,11 @@ def accumulate_gradients(wrapped: torch.nn.Module, loader: StatefulLoader, cfg: 
     """
     parts: dict[str, float] = {}
     bad, sample_ids = None, []
+    module = wrapped.module if isinstance(wrapped, DistributedDataParallel) else wrapped     # the StudentLoss
     for micro in range(cfg.grad_accum):
         batch = to_device(next(loader), device)
         sample_ids += batch["sample_id"]
+        module.start_micro_batch(micro, cfg.grad_accum)
         with grad_sync(wrapped, micro == cfg.grad_accum - 1):      # DDP all-reduces on the last micro-batch only
             out = wrapped(batch)
             (out["loss"] / cfg.grad_accum).backward()

@@ -151,3 +151,91 @@ def test_normalized_relation_of_a_zero_matrix_gives_zeros_not_nan():
 def test_normalized_relation_refuses_non_finite_matrices():
     with pytest.raises(ValueError, match="non-finite"):
         targets.normalized_relation(torch.tensor([[1.0, float("inf")], [float("inf"), 1.0]]))
+
+
+# --- the LM-head GEMM (routes, half operands, no whole-head copy)
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.parametrize("device, hidden, weight, route", [
+    ("cuda", torch.bfloat16, torch.bfloat16, "half"),
+    ("cuda", torch.float16, torch.float16, "half"),
+    ("cuda", torch.float32, torch.bfloat16, "upcast"),      # rounding float32 hidden to bf16 would lose digits
+    ("cuda", torch.bfloat16, torch.float32, "direct"),
+    ("cuda", torch.float32, torch.float32, "direct"),
+    ("cpu", torch.bfloat16, torch.bfloat16, "upcast"),      # the CPU path stays float32
+    ("cpu", torch.float32, torch.float32, "direct"),
+    ("cpu", torch.float64, torch.float64, "direct"),
+    ("cpu", torch.float64, torch.float32, "direct"),
+    ("cpu", torch.float32, torch.float64, "upcast"),
+])
+def test_head_route_uses_half_operands_only_on_cuda_with_matching_half_dtypes(device, hidden, weight, route):
+    assert targets.head_route(device, hidden, weight) == route
+
+
+def test_half_mm_off_cuda_is_the_exact_product_of_the_half_operands_summed_in_float32():
+    gen = torch.Generator().manual_seed(3)
+    a, b = torch.randn(9, 300, generator=gen).bfloat16(), torch.randn(300, 40, generator=gen).bfloat16()
+    got = targets.half_mm(a, b)
+    exact = a.double() @ b.double()                                         # products of the rounded operands
+    bound = 300 * 2.0 ** -24 * (a.double().abs() @ b.double().abs())        # float32 accumulation only
+    assert got.dtype == torch.float32
+    assert bool(((got.double() - exact).abs() <= bound).all())
+    with pytest.raises(ValueError, match="two bf16 or two fp16"):
+        targets.half_mm(a, b.float())
+
+
+class _Copies(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the shape and dtype of every tensor made by a dtype conversion."""
+
+    def __init__(self):
+        super().__init__()
+        self.made = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket in (torch.ops.aten._to_copy, torch.ops.aten.copy_) and isinstance(out, torch.Tensor):
+            self.made.append((tuple(out.shape), out.dtype))
+        return out
+
+
+def test_topk_with_a_bf16_head_never_upcasts_the_whole_head(monkeypatch):
+    hidden, weight = _hidden_and_head(n=5, v=50)
+    hidden, weight = hidden.bfloat16(), weight.bfloat16()
+    monkeypatch.setattr(targets, "UPCAST_ROWS", 16)                         # 50 rows: 4 slices
+    with _Copies() as copies:
+        ids, logprobs = targets.topk_logprobs(hidden, weight, k=6)
+    head_slices = [shape for shape, dtype in copies.made if dtype == torch.float32 and shape[0] != 5]   # not hidden rows
+    assert head_slices == [(16, 16), (16, 16), (16, 16), (2, 16)]          # never (50, 16)
+    reference = torch.log_softmax(hidden.double() @ weight.double().T, dim=-1).topk(6, dim=-1)
+    assert torch.equal(ids, reference.indices)
+    torch.testing.assert_close(logprobs.double(), reference.values, atol=1e-5, rtol=0)
+
+
+def test_topk_through_the_half_route_matches_a_dense_float64_reference(monkeypatch):
+    # The half route's arithmetic (exact products, float32 sums) off CUDA: same logits as the upcast.
+    monkeypatch.setattr(targets, "head_route", lambda *dtypes: "half")
+    hidden, weight = _hidden_and_head(n=9, v=70)
+    hidden, weight = hidden.bfloat16(), weight.bfloat16()
+    ids, logprobs = targets.topk_logprobs(hidden, weight, k=7, temperature=1.5, chunk_rows=4)
+    reference = torch.log_softmax(hidden.double() @ weight.double().T / 1.5, dim=-1).topk(7, dim=-1)
+    assert torch.equal(ids, reference.indices)
+    torch.testing.assert_close(logprobs.double(), reference.values, atol=1e-5, rtol=0)
+
+
+@CUDA
+def test_cuda_half_gemm_equals_the_float32_upcast_up_to_summation_order():
+    gen = torch.Generator().manual_seed(5)
+    d = 2560
+    hidden = torch.randn(300, d, generator=gen).bfloat16().cuda()
+    weight = (torch.randn(20000, d, generator=gen) * 3 / d ** 0.5).bfloat16().cuda()
+    half = targets.head_logits(hidden, weight)                              # the tensor-core route
+    upcast = hidden.float() @ weight.float().T
+    bound = 4 * d * 2.0 ** -24 * (hidden.float().abs() @ weight.float().abs().T)
+    assert half.dtype == torch.float32 and bool(((half - upcast).abs() <= bound).all())
+    ids, logprobs = targets.topk_logprobs(hidden, weight, k=64)
+    ref_ids, ref_logprobs = targets.topk_logprobs(hidden.float(), weight.float(), k=64)
+    # within float16 storage rounding of the float32 path (ids may swap only where logits tie to that level)
+    assert float((ids == ref_ids).float().mean()) > 0.999
+    torch.testing.assert_close(logprobs, ref_logprobs, atol=2e-3, rtol=2 ** -11)
