@@ -41,6 +41,20 @@ def toy_tokenizer():
     return toy_models.build_toy_tokenizer()
 
 
+@pytest.fixture(scope="session")
+def qwen_tokenizer():
+    """transformers' Qwen2Tokenizer with a vocabulary trained locally (tests/local_tokenizers.py). Do not mutate."""
+    from local_tokenizers import qwen_style_tokenizer
+
+    return qwen_style_tokenizer()
+
+
+@pytest.fixture(params=["toy", "qwen"])
+def tokenizer(request, toy_tokenizer, qwen_tokenizer):
+    """Each of the toy and the Qwen-style tokenizer, in turn."""
+    return toy_tokenizer if request.param == "toy" else qwen_tokenizer
+
+
 def _saved_tiny(tmp_path_factory, name: str, text_config: dict, seed: int) -> Path:
     out = tmp_path_factory.mktemp(name)
     bundle = toy_models.build_toy_bundle(text_config, seed=seed, source=name, vision_config=TINY_VISION)

@@ -353,7 +353,7 @@ def test_json_dataset_supervises_only_the_answers(toy_dataset, toy_tokenizer, pr
     for b, record in enumerate(records):
         answers = [turn["value"] for turn in record["conversations"] if turn["from"] == "gpt"]
         labels = batch["response_labels"][batch["response_index"][:, 0] == b]
-        assert toy_tokenizer.decode(labels.tolist()) == "".join(a + eos for a in answers)
+        assert toy_tokenizer.decode(labels.tolist()) == "".join(" " + a + eos for a in answers)   # after ": "
         ids = batch["input_ids"][b]
         assert int((ids == image_token_id).sum()) == (15 if "image" in record else 0)
 
