@@ -59,6 +59,8 @@ class CacheDataset(Dataset):
         self.reader = reader if isinstance(reader, CacheReader) else CacheReader(reader)
         self.image_limits = image_limits or {}         # samples.load_image's max_bytes / max_pixels
         self.cache = self.reader.cache
+        self.identity = self.reader.identity           # "sha256:<hex>" of its manifest (checkpoints record it)
+        self._prefetcher = None
         self.shard_sizes = [int(shard["num_samples"]) for shard in self.reader.shards]
         self.image_processor = image_processor
         self.columns = SEQUENCE_COLUMNS + (TARGET_COLUMNS if with_targets else ())
@@ -68,6 +70,18 @@ class CacheDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.reader)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_prefetcher": None}     # the prefetch thread stays in the main process
+
+    def prefetch(self, sampler) -> None:
+        """For a cache URL: fetch the next shards of `sampler`'s order into the shard cache in the background
+        (`remote.prefetch_shards` of them, kdcache/shardcache.py); a local cache needs nothing."""
+        depth = self.reader.remote_config.prefetch_shards
+        if self.reader.shard_cache is not None and depth > 0 and self._prefetcher is None:
+            from kdcache.shardcache import Prefetcher
+
+            self._prefetcher = Prefetcher(self.reader, sampler, depth).start()
 
     def __getitem__(self, index: int) -> dict:
         row = self.reader.read_sample(int(index))

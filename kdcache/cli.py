@@ -19,6 +19,7 @@ from typing import Any, Callable, NamedTuple, Optional
 import typer
 
 from kdcache import config as configs
+from kdcache.remote import RemoteConfig
 from kdcache.templates import TEMPLATES
 from student_train.config import TrainConfig
 from teacher_dump.config import DumpConfig
@@ -80,7 +81,8 @@ def _option(name: str, annotation: Any, *decls: str, help: str, metavar: str | N
 def field_options(cls: type, aliases: dict[str, tuple[str, ...]]) -> list[inspect.Parameter]:
     """One option per dataclass field: ``--x/--no-x`` for a bool, text for a Literal (checked by the config)."""
     params = []
-    for f in dataclasses.fields(cls):
+    own = set(cls.__dict__.get("__annotations__", {}))        # a class's own fields first, inherited ones after
+    for f in sorted(dataclasses.fields(cls), key=lambda f: f.name not in own):
         tp = configs.value_type(configs.field_types(cls)[f.name])
         flag = flag_of(f.name)
         if tp is bool:
@@ -89,8 +91,9 @@ def field_options(cls: type, aliases: dict[str, tuple[str, ...]]) -> list[inspec
             decls = (flag, *aliases.get(f.name, ()))
         # Literal choices are checked in one place, the config, for flags, YAML and Python alike.
         literal = configs.choices_of(tp) is not None
-        params.append(_option(f.name, str if literal else tp, *decls, help=configs.field_help(cls, f),
-                              metavar="<choice>" if literal else None))
+        annotation = list[str] if configs.is_text_list(tp) else str if literal else tp
+        params.append(_option(f.name, annotation, *decls, help=configs.field_help(cls, f),
+                              metavar="<choice>" if literal else f.metadata.get("metavar")))
     return params
 
 
@@ -137,6 +140,21 @@ def config_command(cls: type, run: Callable[[Any], None], *, shorthands: tuple[S
     return clean_errors(command)
 
 
+def remote_command(fn: Callable[..., None]) -> Callable[..., None]:
+    """`fn` with `RemoteConfig`'s fields as flags (storage options, network, shard cache, manifest pin),
+    given to it as one `remote=RemoteConfig(...)` argument."""
+    names = [f.name for f in dataclasses.fields(RemoteConfig)]
+    own = [p for p in inspect.signature(fn).parameters.values() if p.name != "remote"]
+
+    @functools.wraps(fn)
+    def command(**given):
+        remote = configs.build(RemoteConfig, {}, {name: given.pop(name) for name in names})
+        return fn(**given, remote=remote)
+
+    command.__signature__ = inspect.Signature([*own, *field_options(RemoteConfig, {})])
+    return clean_errors(command)
+
+
 def run_dump(cfg: DumpConfig) -> None:
     from teacher_dump.dump import dump
 
@@ -178,30 +196,83 @@ app.command(
 
 # `inspect_cache`, not `inspect`: the module `inspect` builds the generated signatures above.
 @app.command(name="inspect",
-             epilog="Examples:\n\n  kdcache inspect cache/\n\n  kdcache inspect s3://bucket/caches/llava-kd-4b")
-@clean_errors
-def inspect_cache(cache: str = typer.Argument(..., help="Cache directory or fsspec URL.")):
-    """Summarise a cache: teacher, tokenizer, samples, bytes, tail mass per role, skipped samples."""
+             epilog="Examples:\n\n  kdcache inspect cache/\n\n  kdcache inspect s3://bucket/caches/llava-kd-4b\n\n"
+                    "  kdcache inspect s3://labs/kd-4b --storage-option endpoint_url=http://127.0.0.1:9000")
+@remote_command
+def inspect_cache(cache: str = typer.Argument(..., help="Cache directory or fsspec URL."), *, remote: RemoteConfig):
+    """Summarise a cache from its manifest: identity, teacher, tokenizer, samples, bytes, tail mass per role,
+    skipped samples."""
     from kdcache.reader import describe_cache
 
-    typer.echo(describe_cache(cache))
+    typer.echo(describe_cache(cache, remote=remote))
 
 
-@app.command(epilog="Examples:\n\n  kdcache verify cache/ && echo ok\n\n  kdcache verify --quick s3://bucket/caches/llava-kd-4b")
-@clean_errors
+@app.command(epilog="Examples:\n\n  kdcache verify cache/ && echo ok\n\n  kdcache verify --quick s3://bucket/caches/llava-kd-4b"
+                    "\n\n  kdcache verify cache/ --expect-manifest sha256:4f0c...")
+@remote_command
 def verify(cache: str = typer.Argument(..., help="Cache directory or fsspec URL."),
            quick: bool = typer.Option(False, "--quick", help="Checksums, schema, sample ids and counts only; "
-                                                              "do not decode and check every row.")):
-    """Check the manifest, checksums, schema, sample ids, counts, path safety and (unless --quick) every
-    row, as training would read it; print one line per fault and exit non-zero on any."""
-    from kdcache.reader import verify_cache
+                                                              "do not decode and check every row."),
+           *, remote: RemoteConfig):
+    """Check the manifest (against its seal manifest.sha256 and --expect-manifest), checksums, schema, sample
+    ids, counts, path safety and (unless --quick) every row, as training would read it; print one line per
+    fault and exit non-zero on any. A cache URL's shards are checked in the local shard cache."""
+    from kdcache.reader import manifest_identity, verify_cache
 
-    faults = verify_cache(cache, quick=quick)
+    faults = verify_cache(cache, quick=quick, remote=remote)
     for fault in faults:
         typer.echo(f"FAULT: {fault}", err=True)
     if faults:
         raise typer.Exit(1)
-    typer.echo(f"{cache}: ok")
+    typer.echo(f"{cache}: ok (manifest {manifest_identity(cache, remote)})")
+
+
+@app.command(epilog="Examples:\n\n  kdcache check --student runs/sft/final --cache s3://labs/kd-4b\n\n"
+                    "  kdcache check --student qwen1.5-0.5b --cache https://example.org/caches/kd-4b")
+@remote_command
+def check(student: str = typer.Option(..., help="Student: checkpoint dir, hub id or preset."),
+          cache: str = typer.Option(..., help="Cache directory or URL (only its manifest is read)."),
+          trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow custom model code."),
+          *, remote: RemoteConfig):
+    """Say whether a student can train from a cache (tokenizer, vocabulary, image token, visual_len, image
+    processor) from the cache's manifest alone, before any shard is downloaded; exit 1 if not."""
+    from kdcache.compat import check_cache_for_student
+
+    identity = check_cache_for_student(cache, student, remote=remote, trust_remote_code=trust_remote_code)
+    typer.echo(f"{cache}: student {student} fits this cache (manifest {identity})")
+
+
+@app.command(epilog="Examples:\n\n  kdcache push cache/ s3://labs/caches/kd-4b\n\n"
+                    "  kdcache push cache/ s3://labs/kd-4b --storage-option endpoint_url=http://127.0.0.1:9000")
+@remote_command
+def push(cache: str = typer.Argument(..., help="The local cache to publish."),
+         url: str = typer.Argument(..., help="Where it goes: an fsspec URL (s3://bucket/prefix, ...)."),
+         verify_copy: bool = typer.Option(True, "--verify/--no-verify", help="Download the remote copy once and "
+                                                                                 "check every shard's sha256."),
+         *, remote: RemoteConfig):
+    """Publish a cache: its shards first, then its seal and manifest (so a reader never sees a half-uploaded
+    cache), then check the remote copy. Rerun to resume; a URL holding another cache is refused."""
+    from kdcache.transfer import push_cache
+
+    identity = push_cache(cache, url, remote=remote, verify=verify_copy)
+    typer.echo(f"pushed {cache} to {url} (manifest {identity})")
+
+
+@app.command(epilog="Examples:\n\n  kdcache pull s3://labs/caches/kd-4b cache/\n\n"
+                    "  kdcache pull s3://labs/caches/kd-4b small/ --samples 1000")
+@remote_command
+def pull(url: str = typer.Argument(..., help="The cache URL (or directory) to copy."),
+         directory: str = typer.Argument(..., help="Local directory for the copy."),
+         shards: Optional[int] = typer.Option(None, min=1, help="Only the first N shards (a smaller valid cache)."),
+         samples: Optional[int] = typer.Option(None, min=1, help="Only the first N samples (a smaller valid cache)."),
+         *, remote: RemoteConfig):
+    """Copy a cache to a local directory: a complete mirror (the same manifest, so the same cache), or with
+    --shards / --samples a smaller valid cache whose manifest records where it came from. Every shard is
+    checked against its sha256; rerun to resume."""
+    from kdcache.transfer import pull_cache
+
+    manifest = pull_cache(url, directory, remote=remote, shards=shards, samples=samples)
+    typer.echo(f"pulled {manifest['num_samples']} samples in {len(manifest['shards'])} shards into {directory}")
 
 
 @app.command(name="eval", epilog="Examples:\n\n  kdcache eval --model runs/dft/final --data eval.json --images imgs/")

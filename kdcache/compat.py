@@ -13,6 +13,23 @@ PIXEL_SETTINGS = ("size", "resample", "rescale_factor", "image_mean", "image_std
                   "do_resize", "do_convert_rgb")
 
 
+def check_cache_for_student(cache: str, student: str, *, remote=None, trust_remote_code: bool = False) -> str:
+    """`kdcache check`: does `student` fit the cache at `cache` (a directory or URL)? Reads only the
+    manifest (no shard is fetched), refuses as `check_student_matches_cache`; returns the cache's identity."""
+    from kdcache import schema
+    from kdcache.reader import CacheLocation, check_identity, read_manifest
+    from kdcache.remote import RemoteConfig
+
+    remote = (remote or RemoteConfig()).remote_config()
+    location = CacheLocation(cache, remote)
+    manifest, identity = read_manifest(location)
+    check_identity(identity, remote.expected_identity(), location.name)
+    schema.check_manifest(manifest, location.name, for_training=True)
+    bundle = models.load_bundle(student, trust_remote_code=trust_remote_code)
+    check_student_matches_cache(manifest, bundle, location.name)
+    return identity
+
+
 def check_student_matches_cache(manifest: dict, bundle: models.Bundle, cache: str) -> None:
     """Refuse what breaks training: another tokenizer (fingerprint; size where the manifest records it),
     image token, visual_len or image processor, or a student without a row for some input id.

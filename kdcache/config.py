@@ -92,6 +92,11 @@ def value_type(tp: Any) -> Any:
     return tp
 
 
+def is_text_list(tp: Any) -> bool:
+    """A ``tuple[str, ...]`` field: a repeatable flag (``--x A --x B``), a list in YAML."""
+    return typing.get_origin(value_type(tp)) is tuple and typing.get_args(value_type(tp)) == (str, Ellipsis)
+
+
 def choices_of(tp: Any) -> tuple | None:
     """The values a Literal field allows (``TemplateName | None`` -> its names), None for other types."""
     tp = value_type(tp)
@@ -125,6 +130,11 @@ def check_fields(config: Any) -> None:
             _check_number(f.name, value, tp, f.metadata)
         elif tp is str:
             _check_text(f.name, value, f.metadata)
+        elif is_text_list(tp):                      # a repeatable flag: each value checked as a text field
+            if not isinstance(value, (list, tuple)):
+                raise KdcacheError(f"{f.name} must be a list of text values, got {value!r}")
+            for item in value:
+                _check_text(f.name, item, f.metadata)
 
 
 def _check_number(name: str, value: Any, tp: type, metadata: Any) -> None:

@@ -28,6 +28,17 @@ def write_json_atomic(path: str | Path, obj, *, indent: int | None = 2) -> None:
     os.replace(tmp, path)
 
 
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    """Write bytes to `path` through a temporary file, fsync and a rename (see `write_json_atomic`)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def sha256_stream(f: BinaryIO) -> tuple[int, str]:
     """(bytes read, sha256 hex) of an open binary stream, read to its end in 1 MiB blocks."""
     digest, size = hashlib.sha256(), 0

@@ -230,6 +230,46 @@ def _close_held_in_child() -> None:
 os.register_at_fork(after_in_child=_close_held_in_child)
 
 
+
+# --- locks on single files (the shard cache, kdcache/shardcache.py)
+
+
+def lock_file(path, *, exclusive: bool, blocking: bool = True, poll_s: float = 0.05) -> int | None:
+    """An open descriptor holding `flock` on `path` (created if missing): exclusive or shared.
+
+    Blocking waits by polling (so Ctrl-C still works); not blocking, None when another process holds
+    a conflicting lock. Release with `unlock_file`, which unlocks for every process that inherited the
+    descriptor; a forked child closes its inherited copy without unlocking (see `_held_fds`).
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    mode = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB
+    while True:
+        try:
+            fcntl.flock(fd, mode)
+            break
+        except BlockingIOError:
+            if not blocking:
+                os.close(fd)
+                return None
+            time.sleep(poll_s)
+        except OSError:
+            os.close(fd)
+            raise
+    _held_fds.add(fd)
+    return fd
+
+
+def unlock_file(fd: int | None) -> None:
+    """Release a `lock_file` lock (LOCK_UN first: a forked child's copy must not keep it) and close it."""
+    if fd is None or fd not in _held_fds:
+        return
+    _held_fds.discard(fd)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
 # --- the rank-0-only steps of a torchrun job
 
 

@@ -11,6 +11,7 @@ it is handed out, and nothing is ever unpickled.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -24,45 +25,45 @@ from kdcache import schema
 from kdcache.encoding import ARROW_MESSAGE_CHARS as _CHARS, READ_ERRORS, DecodedBatch, RowLimits
 from kdcache.errors import CacheError, KdcacheError, one_line
 from kdcache.files import sha256_stream
+from kdcache.remote import MAX_MANIFEST_BYTES, Remote, RemoteConfig, RemoteError, RemoteMissing, is_url
+from kdcache.shardcache import ShardCache
 
 
 class CacheLocation:
-    """A cache directory: a local path (or file:// URL), or any other fsspec URL (imported lazily)."""
+    """A cache directory: a local path (or file:// URL), or any other fsspec URL (`kdcache.remote.Remote`:
+    storage options, timeouts, retries, one-line network errors)."""
 
-    def __init__(self, cache):
+    def __init__(self, cache, remote: RemoteConfig | None = None):
         self.name = os.fspath(cache)
-        self.fs = None
-        if "://" in self.name and not self.name.startswith("file://"):
-            try:
-                import fsspec
-            except ImportError as e:
-                raise KdcacheError(f"reading {self.name} needs fsspec: pip install 'kdcache[s3]' (or fsspec)") from e
-            self.fs, root = fsspec.core.url_to_fs(self.name)
-            self.root = root.rstrip("/")
-        else:
-            self.root = self.name.removeprefix("file://")
+        self.remote = Remote(self.name, remote) if is_url(self.name) else None
+        self.root = self.name.removeprefix("file://")
 
     def path(self, relative: str) -> str:
-        return os.path.join(self.root, relative) if self.fs is None else f"{self.root}/{relative}"
+        return os.path.join(self.root, relative) if self.remote is None else self.remote.path(relative)
 
     def where(self, relative: str) -> str:
         """How errors name a file of the cache."""
         return f"{self.name.rstrip('/')}/{relative}"
 
     def exists(self, relative: str) -> bool:
-        return os.path.exists(self.path(relative)) if self.fs is None else self.fs.exists(self.path(relative))
+        return os.path.exists(self.path(relative)) if self.remote is None else self.remote.exists(relative)
 
     def size(self, relative: str) -> int:
-        return os.path.getsize(self.path(relative)) if self.fs is None else int(self.fs.size(self.path(relative)))
+        return os.path.getsize(self.path(relative)) if self.remote is None else self.remote.size(relative)
 
-    def open(self, relative: str):
-        return open(self.path(relative), "rb") if self.fs is None else self.fs.open(self.path(relative), "rb")
+    def read(self, relative: str, *, limit: int = MAX_MANIFEST_BYTES) -> bytes:
+        """A small file of the cache (manifest, sidecar); FileNotFoundError / RemoteMissing when absent."""
+        if self.remote is not None:
+            return self.remote.read(relative, limit=limit)
+        with open(self.path(relative), "rb") as f:
+            data = f.read(limit + 1)
+        if len(data) > limit:
+            raise CacheError(f"{self.where(relative)}: more than the {limit} bytes a manifest may have")
+        return data
 
     def arrow_source(self, relative: str):
-        """Local: a memory map (pages are read on demand). Remote: the whole shard, read once."""
-        if self.fs is None:
-            return pa.memory_map(self.path(relative), "r")
-        return pa.py_buffer(self.fs.cat_file(self.path(relative)))
+        """A local shard as a memory map (pages are read on demand); remote shards come from a `ShardCache`."""
+        return pa.memory_map(self.path(relative), "r")
 
     def path_fault(self, relative: object) -> str | None:
         """Why a manifest's shard path is unsafe, or None: it must be relative, stay inside the cache,
@@ -75,7 +76,7 @@ class CacheLocation:
             return f"{self.name}: shard path {relative!r} is absolute; shard paths must be relative to the cache"
         if "\\" in relative or any(part in ("", ".", "..") for part in relative.split("/")):
             return f"{self.name}: shard path {relative!r} escapes or is not normalised within the cache directory"
-        if self.fs is None:
+        if self.remote is None:
             root = os.path.realpath(self.root)
             if os.path.commonpath([root, os.path.realpath(self.path(relative))]) != root:
                 return f"{self.name}: shard path {relative!r} resolves outside the cache directory (symlink)"
@@ -83,7 +84,7 @@ class CacheLocation:
 
     def resolved(self, relative: str) -> str:
         """The file a shard path names (locally through symlinks), to tell two entries naming one file."""
-        return os.path.realpath(self.path(relative)) if self.fs is None else self.path(relative)
+        return os.path.realpath(self.path(relative)) if self.remote is None else self.path(relative)
 
     def bytes_fault(self, entry: dict) -> str | None:
         """Presence, size, then sha256 of a shard against its manifest entry; None when all match."""
@@ -93,7 +94,7 @@ class CacheLocation:
         size = self.size(entry["path"])
         if size != entry["num_bytes"]:
             return f"{where}: shard is {size} bytes, the manifest says {entry['num_bytes']}"
-        with self.open(entry["path"]) as f:
+        with open(self.path(entry["path"]), "rb") as f:        # local: remote shards are checked as fetched
             _, sha256 = sha256_stream(f)
         if sha256 != entry["sha256"]:
             return f"{where}: sha256 {sha256} does not match the manifest's {entry['sha256']} (corrupt shard)"
@@ -102,15 +103,47 @@ class CacheLocation:
 
 def load_manifest(location: CacheLocation) -> dict:
     """The parsed manifest.json, unchecked; CacheError if it is missing or not JSON."""
-    if not location.exists(schema.MANIFEST_NAME):
-        raise CacheError(f"{location.name}: no {schema.MANIFEST_NAME}; not a finished kdcache cache "
-                         "(a dump that is still running or was killed has none yet: rerun it to finish)")
+    return read_manifest(location)[0]
+
+
+def read_manifest(location: CacheLocation) -> tuple[dict, str]:
+    """(the parsed manifest.json, unchecked; its identity "sha256:<hex>" of its bytes).
+
+    A missing manifest is a CacheError saying the cache is unfinished; an unreachable server is the
+    network's one-line RemoteError, never "no manifest".
+    """
+    where = location.where(schema.MANIFEST_NAME)
     try:
-        with location.open(schema.MANIFEST_NAME) as f:
-            return json.loads(f.read())
-    except (OSError, ValueError, RecursionError) as e:      # RecursionError: absurdly nested JSON
-        raise CacheError(f"{location.where(schema.MANIFEST_NAME)}: unreadable manifest "
-                         f"({one_line(e, limit=_CHARS)})") from e
+        data = location.read(schema.MANIFEST_NAME)
+    except (FileNotFoundError, RemoteMissing):
+        raise CacheError(f"{location.name}: no {schema.MANIFEST_NAME}; not a finished kdcache cache "
+                         "(a dump that is still running or was killed has none yet: rerun it to finish)") from None
+    except IsADirectoryError as e:
+        raise CacheError(f"{where}: unreadable manifest ({e.strerror})") from None
+    except OSError as e:
+        raise CacheError(f"{where}: unreadable manifest ({one_line(e, limit=_CHARS)})") from e
+    try:
+        return json.loads(data), identity_of(data)
+    except (ValueError, RecursionError) as e:      # RecursionError: absurdly nested JSON
+        raise CacheError(f"{where}: unreadable manifest ({one_line(e, limit=_CHARS)})") from e
+
+
+def identity_of(manifest_bytes: bytes) -> str:
+    """A cache's identity: "sha256:<hex>" of its manifest.json's bytes, wherever the cache lies."""
+    return "sha256:" + hashlib.sha256(manifest_bytes).hexdigest()
+
+
+def manifest_identity(cache, remote: RemoteConfig | None = None) -> str:
+    """The identity of the cache at `cache` (reads only its manifest)."""
+    return read_manifest(CacheLocation(cache, remote))[1]
+
+
+def check_identity(identity: str, expected: str | None, cache: str) -> None:
+    """Refuse a cache whose manifest is not the pinned one (`--expect-manifest`)."""
+    if expected is not None and identity != expected:
+        raise CacheError(f"{cache}: manifest.json has sha256 {identity.removeprefix('sha256:')}, not the "
+                         f"{expected.removeprefix('sha256:')} that --expect-manifest pins; this is another cache "
+                         "(or an edited one)")
 
 
 def _open_shard(source, where: str, expected: pa.Schema) -> tuple[pa.ipc.RecordBatchFileReader, np.ndarray, pa.ChunkedArray]:
@@ -179,13 +212,46 @@ class CacheReader:
     (memory maps and decoded batches are never shared between processes).
     """
 
-    def __init__(self, cache, *, verify: bool = False, max_open_shards: int = 4, for_training: bool = False):
-        self._location = CacheLocation(cache)
+    def __init__(self, cache, *, verify: bool = False, max_open_shards: int = 4, for_training: bool = False,
+                 remote: RemoteConfig | None = None):
+        self.remote_config = (remote or RemoteConfig()).remote_config()
+        self._location = CacheLocation(cache, self.remote_config)
         self.cache = self._location.name
-        manifest = load_manifest(self._location)
+        manifest, self.identity = read_manifest(self._location)
+        check_identity(self.identity, self.remote_config.expected_identity(), self.cache)
         schema.check_manifest(manifest, self.cache, for_training=for_training)
         self.manifest = schema.Manifest(manifest, self.cache)
         self.shards: list[dict] = self.manifest["shards"]
+        self._check_shard_paths()
+        self.limits = RowLimits.from_manifest(self.manifest)
+        self.k_response = self.manifest["topk"]["response"]
+        self.k_visual = self.manifest["topk"]["visual"]
+        self.schema = schema.shard_schema(self.k_response, self.k_visual)
+        self._starts = np.cumsum([0] + [entry["num_samples"] for entry in self.shards])   # (S + 1,)
+        if self._starts[-1] != self.manifest["num_samples"]:
+            raise CacheError(f"{self.cache}: manifest num_samples {self.manifest['num_samples']} differs from the "
+                             f"sum over its shards ({self._starts[-1]})")
+        # a cache URL's shards come through the local shard cache, each verified as it arrives
+        self.shard_cache = (None if self._location.remote is None else
+                            ShardCache(self._location.remote, self.identity, self.remote_config))
+        if verify:
+            self.verify_shards()
+        else:
+            self._check_local_sizes()
+        self.max_open_shards = max_open_shards
+        self._open: OrderedDict[int, _ShardState] = OrderedDict()
+        self._pid = os.getpid()
+
+    @property
+    def location(self) -> CacheLocation:
+        return self._location
+
+    @property
+    def starts(self) -> np.ndarray:
+        """(S + 1,) the global index of each shard's first sample, then the total."""
+        return self._starts
+
+    def _check_shard_paths(self) -> None:
         files: dict[str, str] = {}
         for entry in self.shards:
             fault = self._location.path_fault(entry["path"])
@@ -195,30 +261,27 @@ class CacheReader:
             if file in files:
                 raise CacheError(f"{self.cache}: shard paths {files[file]!r} and {entry['path']!r} name the same file")
             files[file] = entry["path"]
-        self.limits = RowLimits.from_manifest(self.manifest)
-        self.k_response = self.manifest["topk"]["response"]
-        self.k_visual = self.manifest["topk"]["visual"]
-        self.schema = schema.shard_schema(self.k_response, self.k_visual)
-        self._starts = np.cumsum([0] + [entry["num_samples"] for entry in self.shards])   # (S + 1,)
-        if self._starts[-1] != self.manifest["num_samples"]:
-            raise CacheError(f"{self.cache}: manifest num_samples {self.manifest['num_samples']} differs from the "
-                             f"sum over its shards ({self._starts[-1]})")
-        if verify:
-            for entry in self.shards:
-                fault = self._location.bytes_fault(entry)
-                if fault:
-                    raise CacheError(fault)
-        elif self._location.fs is None:
-            # a stat per shard: the byte sizes that bound the sample counts (schema.MIN_SHARD_BYTES_PER_SAMPLE)
-            # are the files' own, before a sampler allocates an order over those counts
-            for entry in self.shards:
-                path = self._location.path(entry["path"])
-                if os.path.exists(path) and os.path.getsize(path) != entry["num_bytes"]:
-                    raise CacheError(f"{self._location.where(entry['path'])}: shard is {os.path.getsize(path)} "
-                                     f"bytes, the manifest says {entry['num_bytes']}")
-        self.max_open_shards = max_open_shards
-        self._open: OrderedDict[int, _ShardState] = OrderedDict()
-        self._pid = os.getpid()
+
+    def verify_shards(self) -> None:
+        """Every local shard's size and sha256 against the manifest (CacheError on the first fault). A cache
+        URL's shards are checked as they arrive in the shard cache, before first use: nothing to do here."""
+        if self.shard_cache is not None:
+            return
+        for entry in self.shards:
+            fault = self._location.bytes_fault(entry)
+            if fault:
+                raise CacheError(fault)
+
+    def _check_local_sizes(self) -> None:
+        # a stat per local shard: the byte sizes that bound the sample counts (schema.MIN_SHARD_BYTES_PER_SAMPLE)
+        # are the files' own, before a sampler allocates an order over those counts
+        if self.shard_cache is not None:
+            return
+        for entry in self.shards:
+            path = self._location.path(entry["path"])
+            if os.path.exists(path) and os.path.getsize(path) != entry["num_bytes"]:
+                raise CacheError(f"{self._location.where(entry['path'])}: shard is {os.path.getsize(path)} "
+                                 f"bytes, the manifest says {entry['num_bytes']}")
 
     def __len__(self) -> int:
         return int(self._starts[-1])
@@ -254,6 +317,8 @@ class CacheReader:
             yield self.read_sample(index)
 
     def close(self) -> None:
+        for state in self._open.values():
+            state.close()
         self._open.clear()
 
     def _shard(self, shard: int) -> _ShardState:
@@ -264,26 +329,47 @@ class CacheReader:
             return self._open[shard]
         entry = self.shards[shard]
         where = self._location.where(entry["path"])
+        pin = None
         try:
-            source = self._location.arrow_source(entry["path"])
+            if self.shard_cache is None:
+                source = self._location.arrow_source(entry["path"])
+            else:                                        # downloaded and verified once per machine, pinned while open
+                path, pin = self.shard_cache.acquire(entry)
+                source = pa.memory_map(str(path), "r")
+            reader, batch_starts, _ = _open_shard(source, where, self.schema)
         except (OSError, pa.ArrowException) as e:
-            raise CacheError(f"{where}: cannot open shard ({e})") from e
-        reader, batch_starts, _ = _open_shard(source, where, self.schema)
+            _release(pin)
+            raise CacheError(f"{where}: cannot open shard ({one_line(e, limit=_CHARS)})") from e
+        except BaseException:
+            _release(pin)
+            raise
         if batch_starts[-1] != entry["num_samples"]:
+            _release(pin)
             raise CacheError(f"{where}: shard holds {batch_starts[-1]} samples, "
                              f"the manifest says {entry['num_samples']}")
-        self._open[shard] = _ShardState(reader, batch_starts, where, self.limits)
+        self._open[shard] = _ShardState(reader, batch_starts, where, self.limits, pin)
         while len(self._open) > self.max_open_shards:
-            self._open.popitem(last=False)
+            self._open.popitem(last=False)[1].close()
         return self._open[shard]
+
+
+def _release(pin) -> None:
+    if pin is not None:
+        pin.release()
 
 
 class _ShardState:
     """An open shard and its most recently decoded record batch (sequential reads decode each batch once)."""
 
-    def __init__(self, reader: pa.ipc.RecordBatchFileReader, batch_starts: np.ndarray, where: str, limits: RowLimits):
+    def __init__(self, reader: pa.ipc.RecordBatchFileReader, batch_starts: np.ndarray, where: str, limits: RowLimits,
+                 pin=None):
         self.reader, self.batch_starts, self.where, self.limits = reader, batch_starts, where, limits
+        self.pin = pin                   # a shard-cache shard's shared lock: not evicted while open here
         self._batch: tuple[int, DecodedBatch] | None = None
+
+    def close(self) -> None:
+        _release(self.pin)
+        self.pin = None
 
     def decoded(self, batch: int) -> DecodedBatch:
         if self._batch is None or self._batch[0] != batch:
@@ -308,32 +394,40 @@ def decode_batch(reader: pa.ipc.RecordBatchFileReader, batch: int, batch_starts:
 # --- verify and describe
 
 
-def verify_cache(cache, *, quick: bool = False) -> list[str]:
+def verify_cache(cache, *, quick: bool = False, remote: RemoteConfig | None = None) -> list[str]:
     """Every fault found in a cache, one line each, naming its file (and sample and column where one is
     at fault); an empty list means the cache is sound.
 
-    Checks the manifest as a whole (`schema.manifest_faults`), then per shard: path safety, that no
-    two entries name one file, presence, byte size, sha256, schema, sample ids (valid, unique in the
-    cache), row count; then that the counts add up. Unless `quick`, it also decodes every record
-    batch and runs the row checks a reader runs (`encoding.DecodedBatch` against the manifest's
-    `RowLimits`): one fault per bad record batch.
+    Checks the manifest as a whole (`schema.manifest_faults`) and against its seal (`manifest.sha256`,
+    written with it: an edited shard list, count or hash shows) and the `--expect-manifest` pin, then
+    per shard: path safety, that no two entries name one file, presence, byte size, sha256, schema,
+    sample ids (valid, unique in the cache), row count; then that the counts add up. Unless `quick`,
+    it also decodes every record batch and runs the row checks a reader runs (`encoding.DecodedBatch`
+    against the manifest's `RowLimits`): one fault per bad record batch. A cache URL's shards are
+    downloaded once each, into the shard cache (`remote.cache_dir`), and checked there; a network
+    failure is not a fault of the cache: it is raised (`RemoteError`, one line).
     """
+    remote = (remote or RemoteConfig()).remote_config()
     try:
-        location = CacheLocation(cache)
-        manifest = load_manifest(location)
+        location = CacheLocation(cache, remote)
+        manifest, identity = read_manifest(location)
+    except RemoteError:
+        raise                                 # the network, not the cache: the caller's one-line error
     except KdcacheError as e:
         return [one_line(e, limit=_CHARS)]
     except (OSError, ValueError) as e:        # e.g. an fsspec URL with an unknown protocol
         return [f"{cache}: cannot open cache ({one_line(e, limit=_CHARS)})"]
-    faults = schema.manifest_faults(manifest, location.name)
-    if faults:
-        return faults
+    malformed = schema.manifest_faults(manifest, location.name)
+    if malformed:                             # what is wrong with it matters more than whether it was edited
+        return [one_line(fault, limit=_CHARS) for fault in malformed]
+    faults = seal_faults(location, identity, remote.expected_identity())
     expected = schema.shard_schema(manifest["topk"]["response"], manifest["topk"]["visual"])
     limits = None if quick else RowLimits.from_manifest(manifest)
+    shards = None if location.remote is None else ShardCache(location.remote, identity, remote)
     owner: dict[str, str] = {}
     files: dict[str, str] = {}
-    for entry in manifest["shards"]:
-        faults += _shard_faults(location, entry, expected, owner, files, limits)
+    for entry in manifest["shards"]:           # a RemoteError (the server is gone) ends the check
+        faults += _shard_faults(location, shards, entry, expected, owner, files, limits)
     total = sum(entry["num_samples"] for entry in manifest["shards"])
     if total != manifest["num_samples"]:
         faults.append(f"{location.where(schema.MANIFEST_NAME)}: num_samples is {manifest['num_samples']} "
@@ -341,8 +435,33 @@ def verify_cache(cache, *, quick: bool = False) -> list[str]:
     return [one_line(fault, limit=_CHARS) for fault in faults]
 
 
-def _shard_faults(location: CacheLocation, entry: dict, expected: pa.Schema, owner: dict[str, str],
-                  files: dict[str, str], limits: RowLimits | None) -> list[str]:
+def seal_faults(location: CacheLocation, identity: str, expected: str | None = None) -> list[str]:
+    """The manifest against its seal `manifest.sha256` (sha256sum's format, written with it) and the pin."""
+    where = location.where(schema.MANIFEST_SEAL_NAME)
+    faults = []
+    if expected is not None and identity != expected:
+        faults.append(f"{location.where(schema.MANIFEST_NAME)}: sha256 {identity.removeprefix('sha256:')}, not the "
+                      f"{expected.removeprefix('sha256:')} that --expect-manifest pins")
+    try:
+        words = location.read(schema.MANIFEST_SEAL_NAME, limit=4096).decode("ascii").split()
+    except (FileNotFoundError, RemoteMissing):
+        return faults + [f"{where}: missing, so an edit of the manifest (shard list, counts, hashes) cannot be "
+                         f"detected; a cache written before kdcache sealed manifests: once you trust it, run "
+                         f"`sha256sum {schema.MANIFEST_NAME} > {schema.MANIFEST_SEAL_NAME}` in it"]
+    except (OSError, UnicodeDecodeError, CacheError) as e:
+        return faults + [f"{where}: unreadable ({one_line(e, limit=_CHARS)})"]
+    recorded = words[0] if words else ""
+    if not re.fullmatch(r"[0-9a-f]{64}", recorded):
+        faults.append(f"{where}: does not hold a sha256 (found {recorded[:80]!r})")
+    elif recorded != identity.removeprefix("sha256:"):
+        faults.append(f"{location.where(schema.MANIFEST_NAME)}: sha256 {identity.removeprefix('sha256:')} differs "
+                      f"from the {recorded} in {schema.MANIFEST_SEAL_NAME}: the manifest was changed after it was "
+                      "written (its shard list, counts or hashes cannot be trusted)")
+    return faults
+
+
+def _shard_faults(location: CacheLocation, shards: ShardCache | None, entry: dict, expected: pa.Schema,
+                  owner: dict[str, str], files: dict[str, str], limits: RowLimits | None) -> list[str]:
     fault = location.path_fault(entry["path"])
     if fault:
         return [fault]
@@ -351,15 +470,33 @@ def _shard_faults(location: CacheLocation, entry: dict, expected: pa.Schema, own
         return [f"{location.name}: shard paths {files[file]!r} and {entry['path']!r} name the same file"]
     files[file] = entry["path"]
     where = location.where(entry["path"])
+    pin = None
     try:
-        fault = location.bytes_fault(entry)
-        if fault:
-            return [fault]                 # known corrupt: do not parse it further
-        reader, batch_starts, ids = _open_shard(location.arrow_source(entry["path"]), where, expected)
+        if shards is None:
+            fault = location.bytes_fault(entry)
+            if fault:
+                return [fault]                 # known corrupt: do not parse it further
+            source = location.arrow_source(entry["path"])
+        else:                                  # downloaded once, size and sha256 checked on arrival
+            path, pin = shards.acquire(entry, progress=True)
+            source = pa.memory_map(str(path), "r")
+        reader, batch_starts, ids = _open_shard(source, where, expected)
+        return _row_faults(reader, batch_starts, ids, entry, where, owner, limits)
+    except RemoteMissing:
+        return [f"{where}: shard is missing"]
+    except RemoteError:
+        raise
     except CacheError as e:
         return [str(e)]
     except READ_ERRORS as e:
         return [f"{where}: cannot be read ({one_line(e, limit=_CHARS)})"]
+    finally:
+        _release(pin)
+
+
+def _row_faults(reader, batch_starts: np.ndarray, ids: pa.ChunkedArray, entry: dict, where: str,
+                owner: dict[str, str], limits: RowLimits | None) -> list[str]:
+    """Count, ids unique across the cache and (with `limits`) every record batch's rows of an open shard."""
     faults = []
     if len(ids) != entry["num_samples"]:
         faults.append(f"{where}: holds {len(ids)} samples, the manifest says {entry['num_samples']}")
@@ -376,18 +513,22 @@ def _shard_faults(location: CacheLocation, entry: dict, expected: pa.Schema, own
     return faults
 
 
-def describe_cache(cache) -> str:
+def describe_cache(cache, *, remote: RemoteConfig | None = None) -> str:
     """A human summary of a finished cache, from its manifest (shards are not read)."""
-    location = CacheLocation(cache)
-    m = load_manifest(location)
+    location = CacheLocation(cache, remote)
+    m, identity = read_manifest(location)
     schema.check_manifest(m, location.name)
     teacher, tokenizer, stats = m.get("teacher") or {}, m.get("tokenizer") or {}, m.get("stats") or {}
     dataset = m.get("dataset") or {}
     topk, temperature = m["topk"], m.get("temperature") or {}
     tail, rows = stats.get("mean_tail_mass") or {}, stats.get("rows") or {}
     total_bytes = stats.get("num_bytes", sum(s["num_bytes"] for s in m["shards"]))
+    origin = m.get("origin") if isinstance(m.get("origin"), dict) else None
     lines = [
         f"cache           {location.name}",
+        f"identity        {identity} (sha256 of manifest.json)",
+        *([f"pulled from     {origin.get('url')} ({origin.get('manifest_sha256')}, {origin.get('num_samples')} "
+           f"samples)"] if origin else []),
         f"format          {m['format']} v{m['format_version']}, written by kdcache {m.get('kdcache_version', '?')}"
         + (f" on {m['created']}" if m.get("created") else ""),
         f"teacher         {teacher.get('source', '?')} (revision {teacher.get('revision') or '-'}, "

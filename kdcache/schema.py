@@ -20,6 +20,7 @@ FORMAT = "kdcache"
 FORMAT_VERSION = 1
 
 MANIFEST_NAME = "manifest.json"
+MANIFEST_SEAL_NAME = "manifest.sha256"   # sha256sum's line for manifest.json, written just before it (its seal)
 PARTS_DIR = "_parts"
 RUN_FILE = "dump-config.json"        # in PARTS_DIR: the settings a resumed dump must match
 SHARD_PATTERN = re.compile(r"^shard-r(\d{3,})-(\d{5,})\.arrow$")

@@ -11,6 +11,7 @@ lives in `kdcache.reader`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -21,7 +22,7 @@ import pyarrow as pa
 from kdcache import schema
 from kdcache.errors import CacheError, KdcacheError
 from kdcache.records import coerce_sample, raw_bytes, record_batch, sample_stats
-from kdcache.files import sha256_file, write_json_atomic
+from kdcache.files import sha256_file, write_bytes_atomic, write_json_atomic
 
 COMPRESSION = pa.Codec("zstd", 3)
 
@@ -269,9 +270,21 @@ def finalize_cache(cache_dir, manifest: dict) -> dict:
         "stats": summary_stats(stats, num_samples=len(where), num_bytes=sum(s["num_bytes"] for s in shards)),
     }
     schema.check_manifest(merged, str(cache_dir))
-    write_json_atomic(cache_dir / schema.MANIFEST_NAME, merged)
+    write_manifest(cache_dir, merged)
     shutil.rmtree(cache_dir / schema.PARTS_DIR, ignore_errors=True)
     return merged
+
+
+def write_manifest(cache_dir, manifest: dict) -> str:
+    """Seal, then manifest: `manifest.sha256` (sha256sum's line for the manifest's bytes) and then
+    `manifest.json`, each atomically, so a finished cache always has both. Returns the cache's identity
+    ("sha256:<hex>" of the manifest's bytes; docs/design.md §13)."""
+    cache_dir = Path(cache_dir)
+    data = (json.dumps(manifest, indent=2) + "\n").encode()
+    digest = hashlib.sha256(data).hexdigest()
+    write_bytes_atomic(cache_dir / schema.MANIFEST_SEAL_NAME, f"{digest}  {schema.MANIFEST_NAME}\n".encode())
+    write_bytes_atomic(cache_dir / schema.MANIFEST_NAME, data)
+    return "sha256:" + digest
 
 
 def _rank_reports(cache_dir: Path, parts: list, world_size) -> dict[int, list[dict]]:

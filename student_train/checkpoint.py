@@ -6,7 +6,8 @@ RUN/checkpoints/step-000123/
     optimizer.safetensors   AdamW state as full tensors keyed "{fqn}.{slot}": exp_avg and exp_avg_sq shaped
                             like the parameter, step a 0-d float
     rng.safetensors         torch CPU (and CUDA) generator states of the writing rank (rank 0)
-    state.json              step, sampler and scheduler state, and "optimizer": {"param_groups": [...]}, the
+    state.json              step, sampler and scheduler state, "cache" (the identity of the cache trained from:
+                            "sha256:<hex>" of its manifest.json), and "optimizer": {"param_groups": [...]}, the
                             hyper-parameters of each group with its parameters' FQNs in the optimizer's order
 
 Gathering and scattering go through torch.distributed.checkpoint.state_dict (get_state_dict /
@@ -50,13 +51,14 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def save_checkpoint(run_dir: Path, step: int, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    state: dict, *, keep: int = 2, write: bool = True) -> Path:
+                    state: dict, *, keep: int = 2, write: bool = True, cache: str | None = None) -> Path:
     """Write one checkpoint atomically and keep only the newest `keep`.
 
     `module` holds the optimizer's parameters (possibly FSDP-sharded). Under a process group the
     gather is a collective: every rank calls this and rank 0, the only one that receives the full
     tensors (cpu_offload), is the one with `write=True`. Call it after an optimizer step: on an
-    optimizer without state, get_state_dict initialises one with an lr=0 step.
+    optimizer without state, get_state_dict initialises one with an lr=0 step. `cache` is the identity of
+    the cache the run trains from (recorded as "cache"; `load_checkpoint` refuses another).
     """
     if write and distributed() and dist.get_rank() != 0:
         raise ValueError("only rank 0 receives the gathered state: write=True belongs to rank 0")
@@ -74,6 +76,8 @@ def save_checkpoint(run_dir: Path, step: int, module: torch.nn.Module, optimizer
     moments = {f"{fqn}.{slot}": value.contiguous()
                for fqn, slots in optim_state["state"].items() for slot, value in slots.items()}
     state = {**state, "step": step, "optimizer": {"param_groups": optim_state["param_groups"]}}
+    if cache is not None:
+        state["cache"] = cache
     write_atomically(final, {"trainable": weights, "optimizer": moments, "rng": rng_tensors()}, state)
     for old in sorted(p for p in final.parent.iterdir() if STEP_DIR.match(p.name))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
@@ -92,14 +96,17 @@ def write_atomically(final: Path, tensor_files: dict[str, dict[str, torch.Tensor
     tmp.rename(final)
 
 
-def load_checkpoint(path: Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+def load_checkpoint(path: Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    cache: str | None = None) -> dict:
     """Restore trainable parameters, optimizer state and RNG in place; returns the saved `state` plus "step".
 
     Every rank calls it. Under a process group only rank 0 reads the tensors and broadcasts them,
     each rank keeping its shard; without one the process loads them itself. Call it before the
-    first backward (set_optimizer_state_dict initialises an empty optimizer with an lr=0 step).
+    first backward (set_optimizer_state_dict initialises an empty optimizer with an lr=0 step). A
+    checkpoint taken over another cache than `cache` (both identities known) is refused first.
     """
     state = json.loads((path / "state.json").read_text())
+    check_cache(path, state.get("cache"), cache)       # on every rank, before anything is restored
     check_names(path, module)                          # on every rank, before any collective
     broadcast = distributed()
     reader = not broadcast or dist.get_rank() == 0
@@ -115,6 +122,14 @@ def load_checkpoint(path: Path, module: torch.nn.Module, optimizer: torch.optim.
     set_model_state_dict(module, weights, options=options)
     restore_rng(load_file(path / "rng.safetensors"))
     return state
+
+
+def check_cache(path: Path, recorded: str | None, cache: str | None) -> None:
+    """Refuse to resume from a checkpoint taken over another cache (identities: manifest sha256s)."""
+    if recorded is not None and cache is not None and recorded != cache:
+        raise KdcacheError(f"checkpoint {path} was taken while training from the cache whose manifest has "
+                           f"{recorded}, but --cache has {cache}: a resume must read the same cache (its sample "
+                           "order and targets depend on it); pass that cache, or start a new run with another --out")
 
 
 def check_names(path: Path, module: torch.nn.Module) -> None:

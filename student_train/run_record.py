@@ -14,10 +14,11 @@ import time
 from pathlib import Path
 
 import kdcache
-from kdcache import config as configs, samples, schema
+from kdcache import config as configs, samples
 from kdcache.errors import KdcacheError
-from kdcache.files import sha256_stream, write_json_atomic
-from kdcache.reader import CacheLocation, load_manifest
+from kdcache.files import write_json_atomic
+from kdcache.reader import manifest_identity
+from kdcache.remote import RemoteConfig, redacted
 from student_train.config import TrainConfig
 
 RUN_RECORD = "run.json"        # RUN/run.json: the settings of the run's first start, which a resume must match
@@ -30,7 +31,9 @@ RUN_RECORD = "run.json"        # RUN/run.json: the settings of the run's first s
 # records lacks (a field added or removed by a kdcache upgrade between them) is not compared.
 SAFE_TO_CHANGE = ("max_steps", "epochs", "save_every", "log_every", "num_workers", "progress", "device",
                   "grad_checkpointing", "chunk_rows", "fsdp", "trust_remote_code", "max_image_mb",
-                  "max_image_pixels", "cache_dataset")
+                  "max_image_pixels", "cache_dataset",
+                  # how a cache URL is reached (the cache itself is compared by its manifest's sha256)
+                  *(f.name for f in dataclasses.fields(RemoteConfig)))
 # Not compared as given: the run itself (out, resume); cache and data are compared by content; grad_accum
 # through the samples per optimizer step (batch_size x grad_accum x world size), so a resume on another
 # world size with the same global batch is accepted.
@@ -43,7 +46,7 @@ def run_settings(cfg: TrainConfig, world_size: int) -> dict:
                 if f.name not in SAFE_TO_CHANGE and f.name not in _NOT_COMPARED_AS_GIVEN}
     settings["student"] = local_or_spec(cfg.student)
     settings["images"] = None if cfg.images is None else local_or_spec(cfg.images)
-    settings["cache"] = None if cfg.cache is None else manifest_sha256(cfg.cache)
+    settings["cache"] = None if cfg.cache is None else manifest_identity(cfg.cache, cfg)
     settings["data"] = None if cfg.data is None else dataset_sha256(cfg.data)
     settings["samples_per_step"] = cfg.batch_size * cfg.grad_accum * world_size
     return settings
@@ -53,14 +56,6 @@ def local_or_spec(spec: str) -> str:
     """An existing local path, resolved (a run may resume from another working directory); else as given."""
     path = Path(spec)
     return str(path.resolve()) if path.exists() else spec
-
-
-def manifest_sha256(cache: str) -> str:
-    """ "sha256:<hex>" of a cache's manifest.json bytes: the cache's identity, wherever it lies."""
-    location = CacheLocation(cache)
-    load_manifest(location)                           # a missing or unreadable manifest: the reader's own error
-    with location.open(schema.MANIFEST_NAME) as f:
-        return "sha256:" + sha256_stream(f)[1]
 
 
 def dataset_sha256(data: str) -> str | None:
@@ -111,4 +106,5 @@ def record_run(run_dir: Path, cfg: TrainConfig, settings: dict, world_size: int)
     write_json_atomic(path, {"settings": settings, "safe_to_change": list(SAFE_TO_CHANGE),
                              "world_size": world_size, "kdcache_version": kdcache.__version__,
                              "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-    configs.save_yaml(cfg, run_dir / "config.yaml")
+    configs.save_yaml(dataclasses.replace(cfg, storage_option=tuple(redacted(cfg.storage_option))),
+                      run_dir / "config.yaml")          # no secrets on disk

@@ -154,7 +154,7 @@ def run_stage(cfg: TrainConfig, topo, device: torch.device, run_dir: Path, setti
             refuse_non_finite_parameters(trainable, step, run_dir, device)
             checkpoint.save_checkpoint(run_dir, step, student_loss, optimizer,
                                        {"scheduler": scheduler.state_dict(), "sampler": loader.state_dict()},
-                                       write=topo.is_main)
+                                       write=topo.is_main, cache=cache_identity(loader))
             distributed.barrier()
     bar.close()
     log.close()
@@ -213,8 +213,9 @@ def set_trainable(model, parts: tuple[str, ...]) -> None:
 def build_dataset(cfg: TrainConfig, bundle: models.Bundle):
     """The stage's dataset and the temperatures its targets were made at."""
     if cfg.cache is not None:
-        reader = CacheReader(cfg.cache, verify=True, for_training=True)
+        reader = CacheReader(cfg.cache, for_training=True, remote=cfg)    # reads the manifest, no shard yet
         compat.check_student_matches_cache(reader.manifest, bundle, cfg.cache)
+        reader.verify_shards()        # local shards hashed now; a cache URL's as each arrives (kdcache/shardcache.py)
         if cfg.distills and cfg.gamma > 0 and not reader.manifest.get("relation", True):
             raise KdcacheError(f"cache {cfg.cache} was dumped with --no-relation; pass --gamma 0 to train without RDist")
         dataset = CacheDataset(reader, bundle.image_processor, images=cfg.images, with_targets=cfg.distills,
@@ -242,7 +243,14 @@ def setup_data(cfg: TrainConfig, bundle: models.Bundle, topo, settings: dict) ->
     total_steps = count_steps(cfg, len(sampler) // per_rank_step, len(dataset), topo.world_size)
     loader = StatefulLoader(dataset, sampler, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                             pad_id=bundle.tokenizer.pad_token_id)
+    if isinstance(dataset, CacheDataset):
+        dataset.prefetch(sampler)     # a cache URL: its next shards in this rank's order, in the background
     return loader, temperatures, total_steps
+
+
+def cache_identity(loader: StatefulLoader) -> str | None:
+    """The identity of the cache trained from (its manifest's sha256), None for --data: checkpoints record it."""
+    return getattr(loader.loader.dataset, "identity", None)
 
 
 def count_steps(cfg: TrainConfig, steps_per_epoch: int, num_samples: int, world_size: int) -> int:
@@ -309,7 +317,7 @@ def resume(run_dir: Path, cfg: TrainConfig, student_loss: StudentLoss, optimizer
     last = checkpoint.latest_checkpoint(run_dir) if cfg.resume else None
     if last is None:
         return 0
-    state = checkpoint.load_checkpoint(last, student_loss, optimizer)
+    state = checkpoint.load_checkpoint(last, student_loss, optimizer, cache=cache_identity(loader))
     scheduler.load_state_dict(state["scheduler"])
     loader.load_state_dict(state["sampler"])
     return state["step"]

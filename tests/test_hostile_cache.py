@@ -23,7 +23,7 @@ import pyarrow as pa
 import pytest
 from typer.testing import CliRunner
 
-from kdcache import schema
+from kdcache import schema, writer
 from kdcache.cli import app
 from kdcache.encoding import DecodedBatch
 from kdcache.records import record_batch
@@ -110,7 +110,8 @@ def read_manifest(cache: Path) -> dict:
 
 
 def write_manifest(cache: Path, manifest: dict) -> None:
-    (cache / schema.MANIFEST_NAME).write_text(json.dumps(manifest))
+    """The manifest and its seal (manifest.sha256), both rewritten, as an attacker would."""
+    writer.write_manifest(cache, manifest)
 
 
 def reseal(cache: Path) -> None:

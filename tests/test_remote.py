@@ -4,11 +4,35 @@ the requests it answers (tests/servers.py). Nothing of the network is mocked."""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 import s3fs
+from conftest import write_toy_dataset
 from servers import Server
+from typer.testing import CliRunner
+
+from kdcache.cli import app
+from kdcache.errors import CacheError, KdcacheError
+from kdcache.reader import CacheReader
+from kdcache.remote import RemoteConfig, parse_storage_options, redacted
+from kdcache.transfer import push_cache
+from student_train.config import TrainConfig
+from student_train.train import train
+from teacher_dump.config import DumpConfig
+from teacher_dump.dump import dump
+
+REPO = Path(__file__).resolve().parents[1]
 
 BUCKET = "labs"
 KEY, SECRET = "lab-key", "lab-secret"        # moto accepts any credentials
@@ -59,3 +83,154 @@ def test_the_http_server_ignores_range_and_both_servers_count_requests_per_path(
     seen = s3.requests()
     assert seen["counts"][f"PUT /{BUCKET}/a/b.txt"] == 1 and seen["counts"][f"GET /{BUCKET}/a/b.txt"] == 1
     assert seen["bytes"][f"GET /{BUCKET}/a/b.txt"] == 5
+
+
+# --- a cache of 24 samples in 6 shards (4 samples each: 16 in the sampler's first window of 4 shards)
+
+
+@pytest.fixture(scope="module")
+def world(tiny_teacher_dir, tiny_student_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("remote")
+    data, images = write_toy_dataset(root, count=24, text_only=2)
+    dump(DumpConfig(teacher=str(tiny_teacher_dir), data=str(data), images=str(images), out=str(root / "cache"),
+                    device="cpu", dtype="float32", progress=False, topk_response=4, topk_visual=4,
+                    shard_size_mb=1e-6))
+    manifest = json.loads((root / "cache" / "manifest.json").read_text())
+    assert len(manifest["shards"]) == 6
+    return dict(root=root, cache=root / "cache", manifest=manifest, student=tiny_student_dir, data=data,
+                images=images)
+
+
+def s3_options(server: Server) -> tuple[str, ...]:
+    return (f"endpoint_url={server.url}", f"key={KEY}", f"secret={SECRET}")
+
+
+def remote_config(tmp_path, server: Server | None = None, **overrides) -> RemoteConfig:
+    settings = dict(storage_option=s3_options(server) if server is not None and server.kind == "s3" else (),
+                    cache_dir=str(tmp_path / "shard-cache"), net_timeout=5.0, net_retries=1, net_backoff=0.1)
+    return RemoteConfig(**{**settings, **overrides})
+
+
+def shard_gets(server: Server, prefix: str) -> dict[str, int]:
+    counts = server.requests()["counts"]
+    return {key.split("/")[-1]: n for key, n in counts.items() if key.startswith(f"GET {prefix}/shard-")}
+
+
+def pushed(world, s3, tmp_path, url=f"s3://{BUCKET}/kd") -> str:
+    push_cache(world["cache"], url, remote=remote_config(tmp_path / "push", s3), verify=False)
+    s3.reset()
+    return url
+
+
+def run_train(world, out, cache, remote: RemoteConfig, **overrides) -> Path:
+    settings = dict(stage="dpt", batch_size=2, global_batch=2, lr=1e-3, seed=3, device="cpu", num_workers=0,
+                    progress=False, max_steps=2)
+    fields = {f.name: getattr(remote, f.name) for f in dataclasses.fields(RemoteConfig)}
+    return train(TrainConfig(student=str(world["student"]), out=str(out), cache=str(cache),
+                             **{**settings, **fields, **overrides}))
+
+
+def cli(*args, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "kdcache.cli", *map(str, args)], cwd=REPO, env=environment,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def the_error(result) -> str:
+    """The CLI's one error line (stderr holds nothing else but progress bars)."""
+    lines = [line for line in result.stderr.splitlines() if line.strip() and "%|" not in line]
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-3000:]
+    return lines[0]
+
+
+# --- B. storage options
+
+
+def test_storage_options_are_parsed_nested_and_redacted_and_bad_ones_refused_in_one_line():
+    assert parse_storage_options(["endpoint_url=http://h:1/x=y", "anon=TRUE", "client_kwargs.region_name=eu",
+                                  'config_kwargs={"max_pool_connections": 4}', "key=0123"]) == {
+        "endpoint_url": "http://h:1/x=y", "anon": True, "client_kwargs": {"region_name": "eu"},
+        "config_kwargs": {"max_pool_connections": 4}, "key": "0123"}
+    assert redacted(["key=AKIA", "secret=xyz", "endpoint_url=http://h", "client_kwargs.token=t"]) == [
+        "key=***", "secret=***", "endpoint_url=http://h", "client_kwargs.token=***"]
+    with pytest.raises(KdcacheError, match="KEY=VALUE"):
+        RemoteConfig(storage_option=("no-equals-sign",))
+    result = CliRunner().invoke(app, ["inspect", "s3://b/c", "--storage-option", "=x"])
+    assert result.exit_code == 1 and "expected KEY=VALUE" in result.output
+
+
+def test_push_with_flags_then_inspect_and_verify_with_the_standard_environment_variables(world, s3, tmp_path):
+    url = f"s3://{BUCKET}/kd"
+    flags = [arg for option in s3_options(s3) for arg in ("--storage-option", option)]
+    pushed_ = cli("push", world["cache"], url, *flags, "--cache-dir", tmp_path / "c1")
+    assert pushed_.returncode == 0, pushed_.stderr[-3000:]
+    identity = "sha256:" + hashlib.sha256((world["cache"] / "manifest.json").read_bytes()).hexdigest()
+    assert identity in pushed_.stdout
+    env = {"AWS_ENDPOINT_URL": s3.url, "AWS_ACCESS_KEY_ID": KEY, "AWS_SECRET_ACCESS_KEY": SECRET,
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    inspected = cli("inspect", url, env=env)
+    assert inspected.returncode == 0 and identity in inspected.stdout, inspected.stderr[-3000:]
+    verified = cli("verify", url, "--cache-dir", tmp_path / "c2", "--expect-manifest", identity, env=env)
+    assert verified.returncode == 0 and f"ok (manifest {identity})" in verified.stdout, verified.stderr[-3000:]
+    # the run record and config.yaml never hold a secret
+    run = tmp_path / "run"
+    run_train(world, run, url, remote_config(tmp_path, s3, storage_option=(*s3_options(s3),)))
+    assert SECRET not in (run / "config.yaml").read_text() and SECRET not in (run / "run.json").read_text()
+
+
+# --- C. network faults: one line naming the URL and the cause, within the configured time
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_an_unreachable_http_server_is_a_connection_error_after_bounded_retries_not_a_missing_manifest():
+    url = f"http://127.0.0.1:{free_port()}/caches/kd"              # nothing listens there
+    start = time.monotonic()
+    result = cli("inspect", url, "--net-retries", "2", "--net-backoff", "0.2")
+    error = the_error(result)
+    assert f"{url}/manifest.json: cannot read: cannot connect" in error and "after 3 attempts" in error, error
+    assert "no manifest.json" not in error
+    assert 0.6 <= time.monotonic() - start < 60                      # backoff 0.2 + 0.4 s between the 3 attempts
+    assert "no manifest.json" in the_error(cli("inspect", str(REPO / "nowhere")))
+
+
+def test_a_frozen_server_ends_inspect_verify_and_train_within_the_timeout(world, http_dir, tmp_path):
+    server, root = http_dir
+    shutil.copytree(world["cache"], root / "kd")
+    url = f"{server.url}/kd"
+    server.freeze()
+    for command in (["inspect", url], ["verify", url, "--cache-dir", tmp_path / "c"],
+                    ["train", "--stage", "dpt", "--student", world["student"], "--cache", url, "--out",
+                     tmp_path / "run", "--device", "cpu", "--num-workers", "0", "--cache-dir", tmp_path / "c"]):
+        start = time.monotonic()
+        result = cli(*command, "--net-timeout", "1", "--net-retries", "1", "--net-backoff", "0.1", timeout=120)
+        elapsed = time.monotonic() - start
+        error = the_error(result)
+        assert f"{url}/manifest.json" in error and "no answer within 1 s" in error, error
+        assert elapsed < 2 * 1 + 0.1 + 30, (command[0], elapsed)     # 2 attempts of 1 s, a backoff, start-up
+
+
+def test_a_frozen_server_mid_download_and_a_stopped_s3_server_are_one_line_errors(world, s3, http_dir, tmp_path):
+    server, root = http_dir
+    shutil.copytree(world["cache"], root / "kd")
+    config = remote_config(tmp_path, net_timeout=1.0, net_retries=1)
+    reader = CacheReader(f"{server.url}/kd", remote=config)          # the manifest is read ...
+    server.freeze()                                                   # ... then the server stops answering
+    start = time.monotonic()
+    with pytest.raises(CacheError) as caught:
+        reader.read_sample(0)
+    assert time.monotonic() - start < 2 * 1 + 0.1 + 5
+    assert f"{server.url}/kd/shard-r000-00000.arrow: cannot download: no answer within 1 s" in str(caught.value)
+    assert "\n" not in str(caught.value)
+    assert not any((tmp_path / "shard-cache").rglob("*.arrow"))      # nothing half-downloaded is kept
+
+    url = pushed(world, s3, tmp_path)
+    s3.stop()
+    error = the_error(cli("verify", url, *[a for o in s3_options(s3) for a in ("--storage-option", o)],
+                          "--net-retries", "1", "--net-backoff", "0.1", "--cache-dir", tmp_path / "c"))
+    assert f"{url}/manifest.json: cannot read: cannot connect" in error, error
