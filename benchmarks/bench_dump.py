@@ -29,6 +29,7 @@ import os
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -48,18 +49,34 @@ GOAL_DUMP_OVER_FORWARD = 1.15
 
 
 class Clock:
-    """Accumulates CPU seconds per named stage (wrapping module functions the dump calls)."""
+    """Accumulates CPU seconds per named stage (wrapping module functions the dump calls).
+
+    The dump's stages run in three threads (and image decoding in a small pool), so each call is
+    timed with its own thread's CPU clock (`time.thread_time`), not the process's.
+    """
 
     def __init__(self):
         self.cpu: dict[str, float] = {}
+        self.pipeline: dict[str, dict[str, float]] = {}
+        self._lock = threading.Lock()
 
     @contextmanager
     def stage(self, name: str):
-        start = time.process_time()
+        start = time.thread_time()
         try:
             yield
         finally:
-            self.cpu[name] = self.cpu.get(name, 0.0) + time.process_time() - start
+            spent = time.thread_time() - start
+            with self._lock:
+                self.cpu[name] = self.cpu.get(name, 0.0) + spent
+
+    def add_pipeline(self, timings: dict) -> None:
+        """Sum `dump_records`' per-stage `StageTimes` (busy wall, busy CPU, waiting) over the rounds."""
+        for stage, t in timings.items():
+            total = self.pipeline.setdefault(stage, {"busy_s": 0.0, "busy_cpu_s": 0.0, "wait_s": 0.0})
+            total["busy_s"] += t.busy_s
+            total["busy_cpu_s"] += t.busy_cpu_s
+            total["wait_s"] += t.wait_s
 
     def wrap(self, module, attr: str, name: str):
         original = getattr(module, attr)
@@ -78,9 +95,9 @@ def run_forward(model, inputs: list[dict]) -> None:
             model(**batch)
 
 
-def run_dump(teacher: dump.Teacher, records: list, cfg, run: dict, out: Path) -> dict:
+def run_dump(teacher: dump.Teacher, records: list, cfg, run: dict, out: Path, timings: dict | None = None) -> dict:
     """The dump's own loop (`dump_records`: prepare -> teacher_targets -> ShardWriter), then rank report + manifest."""
-    return common.write_cache(teacher, records, dataclasses.replace(cfg, out=str(out)), run)
+    return common.write_cache(teacher, records, dataclasses.replace(cfg, out=str(out)), run, timings=timings)
 
 
 @dataclasses.dataclass
@@ -115,13 +132,14 @@ def prepare_dump_inputs(args, work: Path) -> DumpInputs:
 
 def wrap_dump_stages(clock: Clock) -> list:
     """Time the dump's stages by wrapping the functions it calls; returns the undo callables."""
-    return [clock.wrap(dump, "prepare", "prepare (read, decode, tokenise)"),
+    return [clock.wrap(dump, "read_image", "read + decode images (decoding threads)"),
+            clock.wrap(dump, "prepare", "tokenise (preparing thread)"),
+            clock.wrap(samples, "pixel_values", "image preprocessing (preparing thread)"),
             clock.wrap(models, "final_hidden_states", "teacher forward (hidden states)"),
             clock.wrap(targets, "topk_logprobs", "top-k log-probs (both roles)"),
             clock.wrap(targets, "relation_from_hidden", "relation H G H^T"),
-            clock.wrap(targets, "normalized_relation", "relation normalise + pack"),
-            clock.wrap(samples, "pixel_values", "image preprocessing"),
-            clock.wrap(writer.ShardWriter, "write", "ShardWriter.write (check, buffer, compress)"),
+            clock.wrap(targets, "normalized_relation_on_device", "relation normalise + pack"),
+            clock.wrap(writer.ShardWriter, "write", "ShardWriter.write (check, buffer, compress; writing thread)"),
             clock.wrap(writer.ShardWriter, "close", "shard close (flush, sha256, rename)"),
             clock.wrap(writer, "finalize_cache", "finalize_cache (manifest)")]
 
@@ -147,7 +165,9 @@ def time_rounds(args, d: DumpInputs, work: Path) -> tuple[dict, dict, Clock, dic
                     run_forward(model, d.inputs)
                     target = fwd
                 else:
-                    manifest = run_dump(d.teacher, d.records, d.cfg, d.run, work / f"cache-{r}")
+                    timings: dict = {}
+                    manifest = run_dump(d.teacher, d.records, d.cfg, d.run, work / f"cache-{r}", timings)
+                    clock.add_pipeline(timings)
                     target = dmp
                 target["cpu"].append(time.process_time() - c)
                 target["wall"].append(time.perf_counter() - w)
@@ -157,7 +177,7 @@ def time_rounds(args, d: DumpInputs, work: Path) -> tuple[dict, dict, Clock, dic
     return fwd, dmp, clock, manifest
 
 
-def dump_summary(args, d: DumpInputs, fwd: dict, dmp: dict, stage_cpu: dict[str, float], manifest: dict) -> dict:
+def dump_summary(args, d: DumpInputs, fwd: dict, dmp: dict, clock: Clock, manifest: dict) -> dict:
     prepared = d.prepared
     n = len(prepared)
     tokens = sum(len(p.sequence.input_ids) for p in prepared)
@@ -165,8 +185,9 @@ def dump_summary(args, d: DumpInputs, fwd: dict, dmp: dict, stage_cpu: dict[str,
             "visual": sum(p.sequence.visual_len for p in prepared) / n}
     fwd_cpu, dmp_cpu = statistics.median(fwd["cpu"]), statistics.median(dmp["cpu"])
     fwd_wall, dmp_wall = statistics.median(fwd["wall"]), statistics.median(dmp["wall"])
-    breakdown = {name: sec / args.rounds for name, sec in stage_cpu.items()}           # mean per round
-    breakdown["other (padding, row gathers, numpy, Python)"] = statistics.mean(dmp["cpu"]) - sum(breakdown.values())
+    breakdown = {name: sec / args.rounds for name, sec in clock.cpu.items()}           # mean per round
+    breakdown["other (padding, row gathers, numpy, threads, Python)"] = statistics.mean(dmp["cpu"]) - sum(breakdown.values())
+    pipeline = {stage: {k: v / args.rounds for k, v in t.items()} for stage, t in clock.pipeline.items()}
     stats = manifest["stats"]
     return {
         "samples": n, "batch_size": d.cfg.batch_size, "rounds": args.rounds, "tokens": tokens,
@@ -176,7 +197,8 @@ def dump_summary(args, d: DumpInputs, fwd: dict, dmp: dict, stage_cpu: dict[str,
         "forward_tokens_per_cpu_s": tokens / fwd_cpu, "dump_tokens_per_cpu_s": tokens / dmp_cpu,
         "forward_samples_per_wall_s": n / fwd_wall, "dump_samples_per_wall_s": n / dmp_wall,
         "dump_over_forward": dmp_cpu / fwd_cpu, "dump_over_forward_wall": dmp_wall / fwd_wall,
-        "breakdown_cpu_s": breakdown, "prepare_cpu_s_per_sample": d.prepare_cpu / n, "gram_cpu_s": d.gram_cpu,
+        "breakdown_cpu_s": breakdown, "pipeline_per_round": pipeline,
+        "prepare_cpu_s_per_sample": d.prepare_cpu / n, "gram_cpu_s": d.gram_cpu,
         "cache_bytes_per_sample": stats["bytes_per_sample"], "cache_bytes_per_token": stats["bytes_per_token"],
         "mean_tail_mass": stats["mean_tail_mass"],
     }
@@ -185,7 +207,7 @@ def dump_summary(args, d: DumpInputs, fwd: dict, dmp: dict, stage_cpu: dict[str,
 def measure_dump_vs_forward(args, work: Path) -> dict:
     d = prepare_dump_inputs(args, work)
     fwd, dmp, clock, manifest = time_rounds(args, d, work)
-    return dump_summary(args, d, fwd, dmp, clock.cpu, manifest)
+    return dump_summary(args, d, fwd, dmp, clock, manifest)
 
 
 # --- part 2: extraction alone at LLaVA scale
@@ -264,6 +286,13 @@ def print_dump_tables(part1: dict, args) -> None:
     dump_cpu = statistics.median(part1["dump_cpu_s"])
     common.print_table("Where the dump's CPU time goes (per round)", ["stage", "CPU s", "share"],
                        [[k, common.fmt(v, 3), f"{100 * v / dump_cpu:.1f}%"] for k, v in part1["breakdown_cpu_s"].items()])
+    stages = part1["pipeline_per_round"]
+    waits = {"prepare": "teacher_waiting_for_prepare", "write": "teacher_waiting_for_write"}
+    common.print_table("The dump's threads (per round): their own work, and the teacher thread's waits on them",
+                       ["thread", "busy wall s", "busy CPU s", "teacher waited s"],
+                       [[k, common.fmt(stages[k]["busy_s"], 3), common.fmt(stages[k]["busy_cpu_s"], 3),
+                         common.fmt(stages[waits[k]]["wait_s"], 3) if k in waits else ""]
+                        for k in ("prepare", "teacher", "write")])
     print(f"\nprepare (decode + tokenise, in the timed dump) {part1['prepare_cpu_s_per_sample'] * 1e3:.1f} ms/sample; not in it: "
           f"G = WᵀW once per dump {part1['gram_cpu_s'] * 1e3:.0f} ms; cache {part1['cache_bytes_per_sample'] / 1e3:.0f} kB/sample, "
           f"{part1['cache_bytes_per_token']:.0f} B/token; mean tail mass {part1['mean_tail_mass']}")
@@ -304,6 +333,7 @@ def result_json(args, info: dict, part1: dict, part2: dict | None, started: floa
         "mean_seq_len": round(part1["mean_seq_len"], 1),
         "cache_bytes_per_sample": round(part1["cache_bytes_per_sample"]),
         "breakdown_cpu_s": common.rounded(part1["breakdown_cpu_s"]),
+        "pipeline_per_round": common.rounded(part1["pipeline_per_round"]),
         "llava_scale": None if part2 is None else common.rounded(part2),
         "elapsed_wall_s": round(time.perf_counter() - started, 1),
     }

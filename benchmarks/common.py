@@ -24,6 +24,7 @@ import platform
 import random
 import subprocess
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +55,16 @@ TEACHER = dict(vocab_size=VOCAB, hidden_size=1280, intermediate_size=3868, num_h
 VISION = dict(image_size=384, patch_size=14, hidden_size=384, intermediate_size=1536,
               num_hidden_layers=5, num_attention_heads=6)
 VISUAL_LEN = (VISION["image_size"] // VISION["patch_size"]) ** 2 - 1          # 728
+# Toy-sized models for `bench_gpu.py --tiny` and its fidelity part: the tests' tiny pair (tests/conftest.py),
+# a 2-layer tower on 32 px images with 8 px patches (15 visual tokens), the toy tokenizer's 600 ids.
+TINY = {
+    "vision": dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                   num_attention_heads=2),
+    "teacher": dict(vocab_size=600, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, tie_word_embeddings=False),
+    "student": dict(vocab_size=600, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                    num_key_value_heads=2, tie_word_embeddings=True),
+}
 RESPONSE_TOKENS = 200                     # answer words (one token each with the toy tokenizer) + eos
 TEACHER_LOGIT_STD = 3.0                   # the random teacher's head is rescaled to give LLM-like logits
 
@@ -132,26 +143,45 @@ def student_step_flops(seq_len: int, head_rows: int, *, recompute_head: bool = T
 # --- models
 
 
-def build_bundle(text_config: dict, *, seed: int, source: str, logit_std: float | None = None) -> models.Bundle:
-    """A LLaVA bundle: the benchmark tower + a Qwen2 LM from `text_config`, joined by `compose`."""
+def build_bundle(text_config: dict, *, seed: int, source: str, logit_std: float | None = None,
+                 vision: dict = VISION, device: str = "cpu", dtype: torch.dtype = torch.float32) -> models.Bundle:
+    """A LLaVA bundle: a SigLIP tower of `vision` + a Qwen2 LM from `text_config`, joined by `compose`.
+
+    The weights are created where they will live (`torch.device(device)`, in `dtype`): a 4B-parameter
+    teacher is built on the GPU directly, never on the CPU first. Random weights, seeded.
+    """
     tokenizer = toy_models.build_toy_tokenizer(image_token=True)
-    with torch.random.fork_rng(devices=[]):
+    text = {k: v for k, v in text_config.items() if k != "name"}
+    rng_devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
+    with torch.random.fork_rng(devices=rng_devices), torch.device(device), default_dtype(dtype):
         torch.manual_seed(1234)
-        tower = SiglipVisionModel(SiglipVisionConfig(**VISION, vision_use_head=False))
+        tower = SiglipVisionModel(SiglipVisionConfig(**{k: v for k, v in vision.items() if k != "name"},
+                                                     vision_use_head=False))
         torch.manual_seed(seed)
         language_model = Qwen2ForCausalLM(Qwen2Config(
             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
-            max_position_embeddings=2048, **text_config))
-        bundle = models.compose(tower, language_model, tokenizer, models.siglip_image_processor(VISION["image_size"]),
-                                source=source)
+            max_position_embeddings=2048, **text))
+        bundle = models.compose(tower, language_model, tokenizer,
+                                models.siglip_image_processor(vision["image_size"]), source=source)
     if logit_std is not None:
         # A random head gives near-uniform logits (std ~0.5): rescale it so that the teacher's
         # distributions are as peaked as a trained LLM's, which is what the shards compress.
         with torch.no_grad():
             head = models.lm_head_weight(bundle.model)
-            head.mul_(logit_std / (head.std() * math.sqrt(text_config["hidden_size"])))
+            head.mul_(logit_std / (head.float().std() * math.sqrt(text["hidden_size"])))
     bundle.projector_trained = True
     return bundle
+
+
+@contextmanager
+def default_dtype(dtype: torch.dtype):
+    """torch's default floating dtype set to `dtype` inside the block (new parameters are created in it)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def teacher_bundle() -> models.Bundle:
@@ -222,13 +252,14 @@ def dump_config(data: Path, out: Path, *, batch_size: int):
                       batch_size=batch_size, device="cpu", dtype="float32", progress=False, allow_untrained=True)
 
 
-def write_cache(teacher, records: list, cfg, run: dict) -> dict:
-    """`dump_records` into one rank's shards at `cfg.out`, then the rank report and the manifest, as `dump` does."""
+def write_cache(teacher, records: list, cfg, run: dict, timings: dict | None = None) -> dict:
+    """`dump_records` into one rank's shards at `cfg.out`, then the rank report and the manifest, as `dump` does.
+    `timings` receives the dump's per-stage times (`dump_records`)."""
     from kdcache import writer
     from teacher_dump import dump
 
     with dump.open_writer(cfg, rank=0) as shard_writer:
-        skipped = dump.dump_records(teacher, records, cfg, shard_writer)
+        skipped = dump.dump_records(teacher, records, cfg, shard_writer, timings=timings)
     writer.write_rank_report(cfg.out, 0, skipped=skipped)
     return writer.finalize_cache(cfg.out, run)
 

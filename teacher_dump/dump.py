@@ -8,6 +8,12 @@ rank 0 merges the manifest once all ranks are done. A killed dump is resumed by 
 command again: finished shards are kept, the samples in them are not dumped twice, partial shards
 are discarded (docs/design.md §4, §8).
 
+`dump_records` overlaps three stages (`kdcache.pipeline`, docs/design.md §9): a thread prepares
+batches ahead of the teacher (images read and decoded by a small pool, sequences tokenised, padded,
+pinned on CUDA), this thread runs the teacher forward and its targets, and a writer thread encodes,
+compresses, hashes and writes the records behind it, in order: the shards are byte for byte those
+of a serial dump, and an error in any stage names its sample and leaves a resumable cache.
+
 Hostile conditions (§8): `--out` is locked for the dump's lifetime (`kdcache.lock`: a second dump on
 it fails at once naming the holder; a killed dump's lock is taken over); an `--out` that is a file,
 an empty dataset, or a dataset whose every sample was skipped is a one-line error (the last leaves
@@ -20,7 +26,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,9 +39,9 @@ from PIL import Image
 from tqdm import tqdm
 
 import kdcache
-from kdcache import distributed, lock, models, samples, schema, targets, templates
+from kdcache import distributed, lock, models, pipeline, samples, schema, targets, templates
 from kdcache.batches import pad_sequences
-from kdcache.errors import KdcacheError, SampleError
+from kdcache.errors import KdcacheError, SampleError, one_line
 from kdcache.files import write_json_atomic
 from kdcache.writer import ShardWriter, completed_sample_ids, finalize_cache, write_rank_report
 from teacher_dump.config import DumpConfig
@@ -40,6 +49,12 @@ from teacher_dump.config import DumpConfig
 # What a resumed dump must match: the manifest fields that decide the cache's content.
 RUN_KEYS = ("teacher", "tokenizer", "visual_len", "template", "max_length", "topk", "temperature",
             "relation", "images_embedded", "dataset")
+
+# How far the background stages reach (docs/design.md §9): batches prepared ahead of the teacher, batches of
+# targets waiting for the writer, and threads reading and decoding images (each up to 2 samples ahead).
+PREFETCH_BATCHES = 2
+WRITE_BEHIND_BATCHES = 2
+DECODE_THREADS = 4
 
 
 @dataclass
@@ -82,6 +97,25 @@ class Prepared:
     image: Image.Image | None
 
 
+@dataclass
+class PreparedBatch:
+    """`batch_size` consecutive good samples and their teacher inputs (`batch_inputs`), made ahead of the teacher."""
+
+    samples: list[Prepared]
+    inputs: dict
+
+
+@dataclass
+class BatchTargets:
+    """A batch's targets on their way to the host: what the writer thread turns into shard records."""
+
+    samples: list[Prepared]
+    topk: dict                  # role -> (ids (N, K) int32, logprobs (N, K) float16) over the batch's rows
+    counts: dict                # role -> rows per sample
+    relations: list             # per sample: (packed (P,) float16, norm () float64), or None
+    ready: object               # a torch.cuda.Event after the copies to the host (None on the CPU)
+
+
 def dump(cfg: DumpConfig) -> dict | None:
     """Run the dump described by `cfg`; returns the manifest on rank 0 (None on other ranks)."""
     topo = distributed.topology()
@@ -122,24 +156,67 @@ def run_dump(cfg: DumpConfig, topo, out: Path) -> dict | None:
 
 
 def dump_records(teacher: Teacher, records: list[samples.Record], cfg: DumpConfig, writer: ShardWriter, *,
-                 progress: bool | None = None, desc: str = "dump") -> list[dict]:
+                 progress: bool | None = None, desc: str = "dump", timings: dict | None = None) -> list[dict]:
     """Teacher targets of `records`, `cfg.batch_size` samples per forward, written to `writer`.
+
+    Preparation runs ahead in a background thread (`prepared_batches`), the writing behind in another
+    (`write_targets`), this thread runs the teacher (`teacher_targets`). An error in any stage stops all
+    three: the samples before the failing one are written (as a serial dump writes them), the earliest
+    error in sample order is raised, naming its sample, and the caller's ShardWriter then discards the
+    open shard, so the cache stays resumable.
 
     Returns the skipped samples `[{"sample_id", "reason"}]`: a bad sample raises SampleError naming
     it, or with `cfg.skip_bad` is recorded and skipped. `progress` defaults to `cfg.progress`.
+    `timings`, when given, receives each stage's `pipeline.StageTimes` (busy and waiting seconds).
     """
     skipped: list[dict] = []
-    counted, tokens, started = 0, 0, time.perf_counter()
-    with tqdm(total=len(records), unit="sample", desc=desc,
-              disable=not (cfg.progress if progress is None else progress)) as bar:
-        for batch in batched(prepare_all(records, cfg, teacher, skipped), cfg.batch_size):
-            for sample in teacher_targets(batch, teacher, cfg):
-                writer.write(sample)
-            tokens += sum(len(p.sequence.input_ids) for p in batch)
-            bar.update(len(batch) + len(skipped) - counted)
-            counted = len(skipped)
-            bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - started, 1e-9):,.0f}", skipped=counted)
+    bar = tqdm(total=len(records), unit="sample", desc=desc,
+               disable=not (cfg.progress if progress is None else progress))
+    batches = pipeline.Ahead(prepared_batches(records, cfg, teacher, skipped), depth=PREFETCH_BATCHES,
+                             name="kdcache-prepare")
+    shards = pipeline.Behind(lambda batch_targets: write_targets(batch_targets, cfg, writer),
+                             depth=WRITE_BEHIND_BATCHES, name="kdcache-write")
+    teacher_times = pipeline.StageTimes()
+    try:
+        run_teacher(batches, shards, teacher, cfg, bar, skipped, teacher_times)
+        shards.finish()
+    except Exception as error:
+        batches.close()
+        earlier = shards.drain()            # the batches before the failure are still written
+        raise error if earlier is None else earlier
+    except BaseException:                   # KeyboardInterrupt and the like: stop at once
+        batches.close()
+        shards.cancel()
+        raise
+    finally:
+        batches.close()
+        bar.close()
+    if timings is not None:
+        timings.update(prepare=batches.times, teacher=teacher_times, write=shards.times,
+                       teacher_waiting_for_prepare=batches.waited, teacher_waiting_for_write=shards.waited)
     return skipped
+
+
+def run_teacher(batches, shards: pipeline.Behind, teacher: Teacher, cfg: DumpConfig, bar, skipped: list[dict],
+                times: pipeline.StageTimes) -> None:
+    """The teacher stage: each prepared batch through `teacher_targets`, handed to the writer; the progress bar."""
+    counted, tokens, started = 0, 0, time.perf_counter()
+    for batch in batches:
+        with times.busy():
+            try:
+                batch_targets = teacher_targets(batch, teacher, cfg)
+            except (KdcacheError, OSError):
+                raise
+            except Exception as e:              # a torch/CUDA failure: name the batch's samples
+                ids = [p.sample_id for p in batch.samples]
+                raise KdcacheError(f"samples {ids}: the teacher forward or its targets failed: {one_line(e)}") from e
+        shards.put(batch_targets)
+        tokens += sum(len(p.sequence.input_ids) for p in batch.samples)
+        done = len(skipped)                     # appended by the preparing thread
+        bar.update(len(batch.samples) + done - counted)
+        counted = done
+        bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - started, 1e-9):,.0f}", skipped=counted)
+    bar.update(len(skipped) - counted)
 
 
 # --- setup
@@ -260,24 +337,56 @@ def open_writer(cfg: DumpConfig, rank: int) -> ShardWriter:
                        shard_size_bytes=int(cfg.shard_size_mb * (1 << 20)))
 
 
-# --- samples -> teacher inputs
+# --- samples -> teacher inputs (the preparing thread)
+
+
+def prepared_batches(records, cfg: DumpConfig, teacher: Teacher, skipped: list[dict]):
+    """Yield PreparedBatch: `cfg.batch_size` consecutive good samples with their teacher inputs."""
+    for batch in batched(prepare_all(records, cfg, teacher, skipped), cfg.batch_size):
+        yield PreparedBatch(batch, batch_inputs(batch, teacher))
 
 
 def prepare_all(records, cfg: DumpConfig, teacher: Teacher, skipped: list[dict]):
-    """Yield a Prepared per good record; bad ones raise, or with skip_bad are recorded and skipped."""
-    for record in records:
-        try:
-            yield prepare(record, cfg, teacher)
-        except SampleError as e:
-            if not cfg.skip_bad:
-                raise
-            skipped.append({"sample_id": e.sample_id, "reason": e.reason})
+    """Yield a Prepared per good record, in order; bad ones raise, or with skip_bad are recorded and skipped.
+
+    Images are read and decoded by DECODE_THREADS threads, up to 2 x DECODE_THREADS records ahead (PIL
+    releases the GIL); sequences are tokenised here, in order.
+    """
+    pool = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="kdcache-decode")
+    try:
+        for record, image in read_ahead(pool, lambda r: read_image(r, cfg), records, 2 * DECODE_THREADS):
+            try:
+                yield prepare(record, cfg, teacher, image=image.result())
+            except SampleError as e:
+                if not cfg.skip_bad:
+                    raise
+                skipped.append({"sample_id": e.sample_id, "reason": e.reason})
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
-def prepare(record: samples.Record, cfg: DumpConfig, teacher: Teacher) -> Prepared:
-    image_bytes = image = None
-    if record.image is not None:
-        image_bytes, image = samples.load_image(cfg.images, record, **samples.image_limits(cfg))
+def read_ahead(pool: ThreadPoolExecutor, fn, items, ahead: int):
+    """Yield (item, future of fn(item)) in order, keeping up to `ahead` calls submitted beyond the one yielded."""
+    pending: deque = deque()
+    for item in items:
+        pending.append((item, pool.submit(fn, item)))
+        if len(pending) > ahead:
+            yield pending.popleft()
+    while pending:
+        yield pending.popleft()
+
+
+def read_image(record: samples.Record, cfg: DumpConfig) -> tuple[bytes | None, Image.Image | None]:
+    """(raw bytes, decoded image) of the record's image, (None, None) without one; SampleError naming a bad one."""
+    if record.image is None:
+        return None, None
+    return samples.load_image(cfg.images, record, **samples.image_limits(cfg))
+
+
+def prepare(record: samples.Record, cfg: DumpConfig, teacher: Teacher,
+            image: tuple[bytes | None, Image.Image | None] | None = None) -> Prepared:
+    """The sample's sequence and image (`image`: `read_image`'s result when already read)."""
+    image_bytes, image = read_image(record, cfg) if image is None else image
     sequence = templates.build_sequence(
         record.conversations, teacher.tokenizer, template=cfg.template, image_token_id=teacher.image_token_id,
         visual_len=teacher.visual_len, has_image=image is not None, sample_id=record.sample_id,
@@ -304,29 +413,92 @@ def model_inputs(batch: list[Prepared], teacher: Teacher) -> dict:
     return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixels}
 
 
-# --- teacher forward -> shard records
+def batch_inputs(batch: list[Prepared], teacher: Teacher) -> dict:
+    """`model_inputs` with the pixel values in the teacher's dtype and each sample's response rows as an index;
+    in pinned memory when the teacher is on CUDA, so that copying them there does not block."""
+    inputs = model_inputs(batch, teacher)
+    if inputs["pixel_values"] is not None:
+        inputs["pixel_values"] = inputs["pixel_values"].to(teacher.dtype)
+    inputs["response_rows"] = [torch.tensor(p.sequence.response_rows, dtype=torch.long) for p in batch]
+    if teacher.device.type == "cuda":
+        inputs = {key: [t.pin_memory() for t in value] if isinstance(value, list)
+                  else None if value is None else value.pin_memory() for key, value in inputs.items()}
+    return inputs
+
+
+# --- teacher forward -> targets (this thread) -> shard records (the writing thread)
 
 
 @torch.inference_mode()
-def teacher_targets(batch: list[Prepared], teacher: Teacher, cfg: DumpConfig):
-    """One teacher forward over a padded batch; yields one shard record per sample."""
-    inputs = model_inputs(batch, teacher)
-    pixels = inputs["pixel_values"]
-    hidden = models.final_hidden_states(teacher.model, inputs["input_ids"].to(teacher.device),
-                                        inputs["attention_mask"].to(teacher.device),
-                                        None if pixels is None else pixels.to(teacher.device, teacher.dtype))  # (B, T, D)
-    response = [hidden[b, torch.tensor(p.sequence.response_rows, dtype=torch.long, device=teacher.device)]
-                for b, p in enumerate(batch)]
+def teacher_targets(batch: PreparedBatch, teacher: Teacher, cfg: DumpConfig) -> BatchTargets:
+    """One teacher forward over a padded batch, its top-k per role and relations, copied to the host (non-blocking
+    on CUDA: `BatchTargets.ready` marks their arrival)."""
+    inputs = batch.inputs
+
+    def to_device(t):
+        return None if t is None else t.to(teacher.device, non_blocking=True)
+
+    hidden = models.final_hidden_states(teacher.model, to_device(inputs["input_ids"]),
+                                        to_device(inputs["attention_mask"]), to_device(inputs["pixel_values"]))
+    response = [hidden[b, to_device(rows)] for b, rows in enumerate(inputs["response_rows"])]      # (R_b, D)
     visual = [hidden[b, p.sequence.visual_start: p.sequence.visual_start + p.sequence.visual_len]
-              for b, p in enumerate(batch)]
-    topk = {"response": split_topk(response, teacher.lm_head, cfg.topk_response, cfg.temperature_response,
+              for b, p in enumerate(batch.samples)]                                               # (L_b, D)
+    topk = {"response": batch_topk(response, teacher.lm_head, cfg.topk_response, cfg.temperature_response,
                                    cfg.chunk_rows),
-            "visual": split_topk(visual, teacher.lm_head, cfg.topk_visual, cfg.temperature_visual, cfg.chunk_rows)}
-    for b, p in enumerate(batch):
-        relation, norm = None, None
-        if teacher.gram is not None and p.sequence.visual_len > 0:
-            packed, norm = targets.normalized_relation(targets.relation_from_hidden(visual[b], teacher.gram))
-            relation = packed.cpu().numpy()
+            "visual": batch_topk(visual, teacher.lm_head, cfg.topk_visual, cfg.temperature_visual, cfg.chunk_rows)}
+    relations = [targets.normalized_relation_on_device(targets.relation_from_hidden(visual[b], teacher.gram))
+                 if teacher.gram is not None and p.sequence.visual_len > 0 else None
+                 for b, p in enumerate(batch.samples)]
+    host = [to_host(topk), to_host(relations)]
+    ready = None
+    if teacher.device.type == "cuda":
+        ready = torch.cuda.Event()
+        ready.record()
+    counts = {"response": [r.shape[0] for r in response], "visual": [v.shape[0] for v in visual]}
+    return BatchTargets(batch.samples, host[0], counts, host[1], ready)
+
+
+def batch_topk(rows: list[torch.Tensor], weight: torch.Tensor, k: int, temperature: float, chunk_rows: int):
+    """Top-k over all samples' rows in one call: (ids int32, logprobs float16), (N, K) each, on the rows' device."""
+    ids, logprobs = targets.topk_logprobs(torch.cat(rows), weight, k=k, temperature=temperature,
+                                          chunk_rows=chunk_rows)            # (N, K) int64, (N, K) float32
+    return ids.to(torch.int32), logprobs.to(torch.float16)
+
+
+def to_host(value):
+    """Tensors (in dicts, lists, tuples) copied to the CPU, non-blocking from CUDA (into pinned memory)."""
+    if isinstance(value, torch.Tensor):
+        return value.to("cpu", non_blocking=True)
+    if isinstance(value, dict):
+        return {key: to_host(v) for key, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_host(v) for v in value)
+    return value
+
+
+def write_targets(batch_targets: BatchTargets, cfg: DumpConfig, writer: ShardWriter) -> None:
+    """The writing thread's work for one batch: its shard records, checked, encoded and written in order."""
+    for record in shard_records(batch_targets, cfg):
+        try:
+            writer.write(record)
+        except (KdcacheError, OSError):
+            raise
+        except Exception as e:                  # an Arrow failure: name the sample
+            raise KdcacheError(f"sample {record[schema.SAMPLE_ID]!r}: writing its record failed: {one_line(e)}") from e
+
+
+def shard_records(batch_targets: BatchTargets, cfg: DumpConfig):
+    """Yield one shard record per sample of the batch, once its targets are on the host."""
+    if batch_targets.ready is not None:
+        batch_targets.ready.synchronize()
+    topk = {role: split_rows(ids.numpy(), logprobs.numpy(), batch_targets.counts[role])
+            for role, (ids, logprobs) in batch_targets.topk.items()}
+    for b, p in enumerate(batch_targets.samples):
+        relation = norm = None
+        if batch_targets.relations[b] is not None:
+            relation, norm = batch_targets.relations[b][0].numpy(), float(batch_targets.relations[b][1])
+            if not math.isfinite(norm):
+                raise KdcacheError(f"sample {p.sample_id!r}: {targets.NON_FINITE_RELATION}")
         record = {
             schema.SAMPLE_ID: p.sample_id,
             schema.INPUT_IDS: np.asarray(p.sequence.input_ids, dtype=np.int32),
@@ -343,12 +515,7 @@ def teacher_targets(batch: list[Prepared], teacher: Teacher, cfg: DumpConfig):
         yield record
 
 
-def split_topk(rows: list[torch.Tensor], weight: torch.Tensor, k: int, temperature: float, chunk_rows: int):
-    """Top-k over all samples' rows in one call, split back per sample as numpy (ids int32, logprobs float16)."""
-    counts = [r.shape[0] for r in rows]
-    ids, logprobs = targets.topk_logprobs(torch.cat(rows), weight, k=k, temperature=temperature,
-                                          chunk_rows=chunk_rows)            # (N, K) int64, (N, K) float32
-    ids = ids.to(torch.int32).cpu().numpy()
-    logprobs = logprobs.to(torch.float16).cpu().numpy()
+def split_rows(ids: np.ndarray, logprobs: np.ndarray, counts: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The batch's (N, K) top-k arrays split back per sample, `counts` rows each."""
     bounds = np.cumsum([0] + counts)
     return [(ids[a:b], logprobs[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]

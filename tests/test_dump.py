@@ -3,23 +3,29 @@ resume after SIGKILL, and a 2-process torchrun dump equal to a 1-process one."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 from PIL import Image
 from transformers import LlavaForConditionalGeneration
 
 from kdcache import models, samples, targets
+from kdcache import writer as writer_module
 from kdcache.errors import KdcacheError, SampleError
 from kdcache.reader import CacheReader, verify_cache
+from kdcache.writer import completed_sample_ids
+from teacher_dump import dump as dump_module
 from teacher_dump.config import DumpConfig
 from teacher_dump.dump import dump
 
@@ -194,3 +200,172 @@ def test_two_process_torchrun_dump_equals_one_process_dump(tiny_teacher_dir, toy
                 assert value == pytest.approx(right[key], rel=1e-5)
             else:
                 assert value == right[key], (sample_id, key)
+
+
+# --- the overlapped dump: a serial dump's bytes, and a failure in any of its three stages
+
+
+@pytest.fixture
+def deadline():
+    """Fail (not hang) a test whose background threads would wait forever: SIGALRM after 120 s."""
+    def expired(*_):
+        raise TimeoutError("the dump did not finish within 120 s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(120)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+def dump_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("kdcache-")]
+
+
+def slow_writer(monkeypatch, seconds: float = 0.2) -> None:
+    """The writing thread takes `seconds` per sample: at a failure elsewhere, earlier batches are still queued."""
+    coerce = writer_module.coerce_sample
+    monkeypatch.setattr(writer_module, "coerce_sample", lambda sample, **kw: time.sleep(seconds) or coerce(sample, **kw))
+
+
+def serial_dump(teacher, records, cfg, writer) -> list[dict]:
+    """The dump loop as it was before its stages overlapped: prepare, forward, targets, write, one after another."""
+    skipped, good = [], []
+    for record in records:
+        try:
+            good.append(dump_module.prepare(record, cfg, teacher))
+        except SampleError as e:
+            skipped.append({"sample_id": e.sample_id, "reason": e.reason})
+    for batch in dump_module.batched(good, cfg.batch_size):
+        inputs = dump_module.model_inputs(batch, teacher)
+        with torch.inference_mode():
+            hidden = models.final_hidden_states(teacher.model, inputs["input_ids"], inputs["attention_mask"],
+                                                inputs["pixel_values"])
+            rows = {"response": [hidden[b, p.sequence.response_rows] for b, p in enumerate(batch)],
+                    "visual": [hidden[b, p.sequence.visual_start: p.sequence.visual_start + p.sequence.visual_len]
+                               for b, p in enumerate(batch)]}
+            k = {"response": cfg.topk_response, "visual": cfg.topk_visual}
+            per_role = {role: targets.topk_logprobs(torch.cat(r), teacher.lm_head, k=k[role], chunk_rows=cfg.chunk_rows)
+                        for role, r in rows.items()}
+            for b, p in enumerate(batch):
+                sample = {"sample_id": p.sample_id, "input_ids": np.asarray(p.sequence.input_ids, np.int32),
+                          "response_rows": np.asarray(p.sequence.response_rows, np.int32),
+                          "visual_start": p.sequence.visual_start, "visual_len": p.sequence.visual_len,
+                          "image": p.image_bytes, "relation": None, "relation_norm": None,
+                          "image_sha256": None if p.image_bytes is None else hashlib.sha256(p.image_bytes).digest()}
+                if p.sequence.visual_len:
+                    packed, sample["relation_norm"] = targets.normalized_relation(
+                        targets.relation_from_hidden(rows["visual"][b], teacher.gram))
+                    sample["relation"] = packed.numpy()
+                for role, (ids, logprobs) in per_role.items():
+                    start = sum(r.shape[0] for r in rows[role][:b])
+                    sample[f"{role}_topk_ids"] = ids[start: start + rows[role][b].shape[0]].to(torch.int32).numpy()
+                    sample[f"{role}_topk_logprobs"] = logprobs[start: start + rows[role][b].shape[0]].half().numpy()
+                writer.write(sample)
+    return skipped
+
+
+def test_the_overlapped_dump_writes_the_bytes_of_a_serial_dump(tiny_teacher_dir, toy_dataset, tmp_path, deadline):
+    data, images = toy_dataset(count=11, text_only=2)
+    (images / "img-004.png").write_bytes(b"not a png")                       # skipped, in the middle of a batch
+    bundle = models.load_bundle(str(tiny_teacher_dir))
+    teacher = dump_module.Teacher.from_bundle(bundle, device=torch.device("cpu"), dtype=torch.float32, relation=True)
+    records = samples.load_records(data)
+    shards = {}
+    for name, loop in (("overlapped", dump_module.dump_records), ("serial", serial_dump)):
+        cfg = DumpConfig(teacher="t", data=str(data), images=str(images), out=str(tmp_path / name), batch_size=3,
+                         topk_response=8, topk_visual=5, skip_bad=True, shard_size_mb=0.004, progress=False)
+        with dump_module.open_writer(cfg, rank=0) as writer:
+            skipped = loop(teacher, records, cfg, writer)
+        assert [s["sample_id"] for s in skipped] == ["sample-4"]
+        shards[name] = {p.name: p.read_bytes() for p in sorted((tmp_path / name).glob("shard-*.arrow"))}
+    assert len(shards["serial"]) >= 3
+    assert shards["overlapped"] == shards["serial"]
+    assert dump_threads() == []
+
+
+def test_an_error_in_the_background_preparation_names_the_sample_and_leaves_a_resumable_cache(
+        tiny_teacher_dir, toy_dataset, tmp_path, monkeypatch, deadline):
+    data, images = toy_dataset(count=10)
+    original, threads = dump_module.read_image, set()
+
+    def failing(record, cfg):                   # runs in the decoding threads, behind the preparing one
+        threads.add(threading.current_thread().name)
+        if record.sample_id == "sample-6":
+            raise SampleError(record.sample_id, "image unreadable (injected)")
+        return original(record, cfg)
+
+    monkeypatch.setattr(dump_module, "read_image", failing)
+    slow_writer(monkeypatch)
+    out = tmp_path / "cache"
+    with pytest.raises(SampleError, match="'sample-6': image unreadable"):
+        run_dump(tiny_teacher_dir, data, images, out, batch_size=1, topk_response=4, topk_visual=4,
+                 shard_size_mb=0.001)
+    assert threads and all(name.startswith("kdcache-decode") for name in threads)
+    assert dump_threads() == []
+    # as a serial dump: samples 0-3 filled a record batch and a shard; 4 and 5 were still buffered (discarded)
+    assert completed_sample_ids(out) == {f"sample-{i}" for i in range(4)}
+    assert not list(out.glob("*.tmp")) and not (out / "manifest.json").exists()
+    monkeypatch.setattr(dump_module, "read_image", original)
+    run_dump(tiny_teacher_dir, data, images, out, batch_size=1, topk_response=4, topk_visual=4, shard_size_mb=0.001)
+    assert sorted(s["sample_id"] for s in CacheReader(out, verify=True)) == sorted(f"sample-{i}" for i in range(10))
+    assert verify_cache(out) == []
+
+
+@pytest.mark.parametrize("fault", ["sample", "arrow"])
+def test_an_error_in_the_background_writer_names_the_sample_and_leaves_a_resumable_cache(
+        fault, tiny_teacher_dir, toy_dataset, tmp_path, monkeypatch, deadline):
+    data, images = toy_dataset(count=10)
+    original, threads = writer_module.coerce_sample, set()
+
+    def failing(sample, **kwargs):              # runs in the writing thread
+        threads.add(threading.current_thread().name)
+        if sample["sample_id"] == "sample-5":
+            if fault == "sample":
+                raise SampleError("sample-5", "a value out of range (injected)")
+            raise pa.ArrowInvalid("buffer too small (injected)")
+        return original(sample, **kwargs)
+
+    monkeypatch.setattr(writer_module, "coerce_sample", failing)
+    out = tmp_path / "cache"
+    message = "'sample-5': a value out of range" if fault == "sample" else "'sample-5': writing its record failed: buffer"
+    with pytest.raises(KdcacheError, match=message):
+        run_dump(tiny_teacher_dir, data, images, out, batch_size=2, topk_response=4, topk_visual=4,
+                 shard_size_mb=0.001)
+    assert threads == {"kdcache-write"} and dump_threads() == []
+    assert completed_sample_ids(out) == {f"sample-{i}" for i in range(4)}
+    assert not list(out.glob("*.tmp"))
+    monkeypatch.setattr(writer_module, "coerce_sample", original)
+    run_dump(tiny_teacher_dir, data, images, out, batch_size=2, topk_response=4, topk_visual=4, shard_size_mb=0.001)
+    assert len(CacheReader(out, verify=True)) == 10 and verify_cache(out) == []
+
+
+def test_an_error_in_the_teacher_forward_names_the_batch_and_still_writes_the_batches_before_it(
+        tiny_teacher_dir, toy_dataset, tmp_path, monkeypatch, deadline):
+    data, images = toy_dataset(count=10)
+    calls, forward = [], models.final_hidden_states
+
+    def failing(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("CUDA out of memory.\nTried to allocate 2.00 GiB (injected)")
+        return forward(*args)
+
+    monkeypatch.setattr(models, "final_hidden_states", failing)
+    slow_writer(monkeypatch)
+    out = tmp_path / "cache"
+    with pytest.raises(KdcacheError, match=r"^samples \['sample-4', 'sample-5'\]: the teacher forward or its targets "
+                                           r"failed: CUDA out of memory. Tried to allocate"):
+        run_dump(tiny_teacher_dir, data, images, out, batch_size=2, topk_response=4, topk_visual=4,
+                 shard_size_mb=0.001)
+    assert dump_threads() == []
+    assert completed_sample_ids(out) == {f"sample-{i}" for i in range(4)}    # batches 1 and 2 reached the shard
+
+
+def test_a_non_finite_relation_names_its_sample(tiny_teacher_dir, toy_dataset, tmp_path, monkeypatch, deadline):
+    data, images = toy_dataset(count=3)
+    relation = targets.relation_from_hidden
+    monkeypatch.setattr(targets, "relation_from_hidden", lambda h, g: relation(h, g) * float("inf"))
+    with pytest.raises(KdcacheError, match="'sample-0': relation matrix has non-finite entries"):
+        run_dump(tiny_teacher_dir, data, images, tmp_path / "cache", topk_response=4, topk_visual=4)
+    assert dump_threads() == []

@@ -165,7 +165,9 @@ def test_infinite_gradient_stops_before_the_update(world, tmp_path, monkeypatch)
 
 
 def test_a_second_dump_on_the_same_out_fails_at_once_and_the_first_completes(world, tmp_path):
-    data, images = write_dataset(tmp_path, 24, text_only=2)
+    # The second job needs ~2 s from seeing the lock to failing on it; 24 samples left the first a margin of
+    # ~0.1 s on a loaded 2-core machine, and the test failed now and then: 64 leave it ~1 s more.
+    data, images = write_dataset(tmp_path, 64, text_only=2)
     out = tmp_path / "cache"
     args = ["dump", "--teacher", world["teacher"], "--data", data, "--images", images, "--out", out,
             "--batch-size", "1", "--topk", "4", "--device", "cpu", "--no-progress"]
@@ -184,8 +186,8 @@ def test_a_second_dump_on_the_same_out_fails_at_once_and_the_first_completes(wor
             if proc.poll() is None:
                 proc.kill()
     assert verify_cache(out) == []
-    assert sorted(s["sample_id"] for s in CacheReader(out)) == sorted([f"sample-{i}" for i in range(22)]
-                                                                       + ["text-22", "text-23"])
+    assert sorted(s["sample_id"] for s in CacheReader(out)) == sorted([f"sample-{i}" for i in range(62)]
+                                                                       + ["text-62", "text-63"])
     assert not (out / LOCK_NAME).exists()
 
 
