@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -91,19 +92,52 @@ def online_loss(student, teacher, batch: dict) -> torch.Tensor:
     kl_response = losses.dense_kl(student_logits[r[:, 0], r[:, 1]], teacher_logits[r[:, 0], r[:, 1]]).mean()
     kl_visual = losses.dense_kl(student_logits[v[:, 0], v[:, 1]], teacher_logits[v[:, 0], v[:, 1]]).mean()
     relation = []
+    visual_len = targets.visual_len_of_packed(batch["relation_upper"].shape[-1])
     for b, start in zip(batch["relation_index"].tolist(), batch["relation_visual_start"].tolist()):
-        span = slice(start, start + common.VISUAL_LEN)
+        span = slice(start, start + visual_len)
         y_s, y_t = student_logits[b, span].float(), teacher_logits[b, span].float()   # (L, V)
         packed_t = targets.pack_upper(y_t @ y_t.T)
         relation.append(losses.relation_loss((y_s @ y_s.T)[None], packed_t[None]))
     return ce + kl_response + kl_visual + 0.5 * torch.cat(relation).mean()
 
 
+def setup_variants(model, cache: Path, run: Path) -> tuple[dict, torch.optim.Optimizer]:
+    """Projector + LLM trainable (as DFT/SFT), AdamW, and the trainer's StudentLoss of each cached variant
+    (the config's --dtype default: bf16 autocast and bf16 LM-head GEMMs on CUDA, float32 on the CPU)."""
+    set_trainable(model, ("projector", "llm"))
+    model.train()
+    model.model.vision_tower.eval()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=2e-5, weight_decay=0.0)
+    temperatures = {"response": 1.0, "visual": 1.0}
+    loss_of = {
+        name: StudentLoss(model, TrainConfig(stage=stage, student="bench-student", out=str(run), cache=str(cache)),
+                          temperatures, None)
+        for name, stage in (("sft", "sft"), ("ce_same_rows", "sft"), ("dft", "dft"))}
+    return loss_of, optimizer
+
+
+def train_step(variant: str, batch: dict, model, teacher_model, loss_of: dict, optimizer) -> None:
+    """One optimizer step of `variant` on `batch`: forward, backward, AdamW, as the trainer runs it."""
+    if variant == "online":           # the student under the trainer's autocast (bf16 on CUDA), the teacher bf16
+        cuda = batch["input_ids"].device.type == "cuda"
+        with torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext():
+            loss = online_loss(model, teacher_model, batch)
+    else:
+        loss_of[variant].start_micro_batch(0, 1)
+        parts = loss_of[variant](batch)
+        loss = parts["loss"]
+        [float(v.detach()) for v in parts.values()]                           # as the trainer does, for its log
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def step_flops(batch: dict) -> dict[str, float]:
     """Analytic FLOPs of one step of each variant on `batch` (common.py's counting)."""
     B, T = batch["input_ids"].shape
     n_r, n_v = batch["response_index"].shape[0], batch["visual_index"].shape[0]
-    V, Ds, Dt, L = common.VOCAB, common.STUDENT["hidden_size"], common.TEACHER["hidden_size"], common.VISUAL_LEN
+    V, Ds, L = common.VOCAB, common.STUDENT["hidden_size"], common.VISUAL_LEN
     per_sample = lambda rows, recompute=True: common.student_step_flops(T, rows, recompute_head=recompute)  # noqa: E731
     sft = B * per_sample(n_r / B)
     ce_same = B * per_sample((n_r + n_v) / B)
@@ -124,28 +158,11 @@ def measure_steps(args, work: Path) -> dict:
                                      student.tokenizer.pad_token_id)
 
     model = student.model
-    set_trainable(model, ("projector", "llm"))
-    model.train()
-    model.model.vision_tower.eval()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=2e-5, weight_decay=0.0)
-    temperatures = {"response": 1.0, "visual": 1.0}
-    loss_of = {
-        name: StudentLoss(model, TrainConfig(stage=stage, student="bench-student", out=str(work / "run"),
-                                             cache=str(work / "cache")), temperatures, None)
-        for name, stage in (("sft", "sft"), ("ce_same_rows", "sft"), ("dft", "dft"))}
+    loss_of, optimizer = setup_variants(model, work / "cache", work / "run")
     teacher_model = teacher.model.eval().requires_grad_(False)
 
     def step(variant: str, batch: dict) -> None:
-        if variant == "online":
-            loss = online_loss(model, teacher_model, batch)
-        else:
-            parts = loss_of[variant](batch)
-            loss = parts["loss"]
-            _logged = {k: float(v.detach()) for k, v in parts.items()}        # as the trainer does, for its log
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        train_step(variant, batch, model, teacher_model, loss_of, optimizer)
 
     per_variant = [variant_batches(b) for b in batches]
     for variant in VARIANTS:                                                  # warm-up
