@@ -165,33 +165,53 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+STUDENT_RUNS = {"baseline": ("pt", "sft"), "distilled": ("dpt", "sft", "dft")}
+PARTS = {"ce": "-", "kl_response": "--", "kl_visual": ":", "relation": "-."}
+
+
 def write_report_png(out: Path, report: dict) -> None:
-    """Loss curves of the student stages beside the accuracy bars."""
+    """Left: both students' loss parts (CE and KD) over their stages, one step axis. Right: accuracy per type."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (curves, bars) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for run in ("baseline-pt", "baseline-sft", "distilled-dpt", "distilled-sft", "distilled-dft"):
-        rows = [json.loads(l) for l in (out / "runs" / run / "metrics.jsonl").read_text().splitlines() if l]
-        curves.plot([r["step"] for r in rows], [r["loss"] for r in rows], label=f"{run} (total)")
-        if run.startswith("distilled-d"):
-            curves.plot([r["step"] for r in rows], [r["ce"] for r in rows], "--", label=f"{run} (ce)")
-    curves.set_xlabel("optimizer step")
-    curves.set_ylabel("loss")
-    curves.set_yscale("log")
-    curves.legend(fontsize=7)
-    curves.set_title("student training")
-    names = ["teacher", "baseline", "distilled"]
-    bars.bar(names, [report["accuracy"][n] for n in names], color=["grey", "tab:blue", "tab:orange"])
-    bars.set_ylim(0, 1)
-    bars.set_title("held-out exact-match accuracy")
-    for i, n in enumerate(names):
-        bars.text(i, report["accuracy"][n] + 0.02, f"{report['accuracy'][n]:.2f}", ha="center")
+    fig, (curves, bars) = plt.subplots(1, 2, figsize=(13, 4.8))
+    for student, color in (("baseline", "tab:blue"), ("distilled", "tab:orange")):
+        offset = 0
+        for stage in STUDENT_RUNS[student]:
+            path = out / "runs" / f"{student}-{stage}" / "metrics.jsonl"
+            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            steps = [offset + r["step"] for r in rows]
+            for part, style in PARTS.items():
+                values = [r[part] for r in rows]
+                if any(values):
+                    curves.plot(steps, values, style, color=color, lw=1, label=f"{student} {stage} {part}")
+            offset = steps[-1] if steps else offset
+            curves.axvline(offset, color=color, alpha=0.2)
+    curves.set(xlabel="student optimizer step (stages in sequence)", ylabel="loss part", yscale="log",
+               title="student training: CE (solid) and KD parts (dashed/dotted)")
+    curves.legend(fontsize=6, ncol=2)
+    _accuracy_bars(bars, report)
     fig.tight_layout()
     fig.savefig(out / "report.png", dpi=100)
     plt.close(fig)
+
+
+def _accuracy_bars(ax, report: dict) -> None:
+    """Grouped bars: overall and per question type, for teacher, baseline and distilled."""
+    names = ["teacher", "baseline", "distilled"]
+    groups = ["overall", *sorted(report["per_type"]["teacher"])]
+    width = 0.27
+    for i, (name, color) in enumerate(zip(names, ("grey", "tab:blue", "tab:orange"))):
+        values = [report["accuracy"][name] if g == "overall" else report["per_type"][name][g] for g in groups]
+        xs = [x + (i - 1) * width for x in range(len(groups))]
+        ax.bar(xs, values, width, color=color, label=f"{name} ({report['accuracy'][name]:.3f})")
+        for x, v in zip(xs, values):
+            ax.text(x, v + 0.01, f"{v:.2f}", ha="center", fontsize=6)
+    ax.set_xticks(range(len(groups)), groups)
+    ax.set(ylim=(0, 1.08), title=f"held-out exact-match accuracy ({report['num_questions']} questions)")
+    ax.legend(fontsize=7, loc="lower right")
 
 
 def small_plan() -> Plan:
