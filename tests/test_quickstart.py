@@ -49,3 +49,17 @@ def test_quickstart_runs_the_whole_recipe_and_writes_its_report(tmp_path):
                                       str(tmp_path / "qs" / "data" / "images"), "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output[result.output.index("{"):])["accuracy"] == report["accuracy"]["teacher"]
+
+
+@pytest.mark.slow
+def test_quickstart_is_reproducible_on_the_same_machine(tmp_path):
+    """Same seed, same machine: the same losses at every step of every run and the same report (issue 13 item 5)."""
+    plan = small_plan()
+    reports = [run_quickstart(tmp_path / name, seed=1, plan=plan, progress=False) for name in ("a", "b")]
+    for run in sorted(p.name for p in (tmp_path / "a" / "runs").iterdir()):
+        metrics = [(tmp_path / name / "runs" / run / "metrics.jsonl").read_text().splitlines() for name in ("a", "b")]
+        strip = [[{k: v for k, v in json.loads(line).items() if k != "samples_per_s"} for line in m] for m in metrics]
+        assert strip[0] == strip[1] and strip[0], run
+    for key in ("accuracy", "per_type", "cache_bytes", "environment"):
+        assert reports[0][key] == reports[1][key], key
+    assert reports[0]["environment"]["torch"].startswith("2.")

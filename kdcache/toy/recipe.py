@@ -145,12 +145,37 @@ def run_quickstart(out: str | Path, *, seed: int = 0, plan: Plan = Plan(), progr
               "accuracy": {name: r["accuracy"] for name, r in results.items()},
               "per_type": {name: {t: v["accuracy"] for t, v in r["per_type"].items()} for name, r in results.items()},
               "num_questions": results["teacher"]["num_questions"], "seconds": recipe.seconds,
-              "cache_bytes": recipe.cache_bytes}
+              "cache_bytes": recipe.cache_bytes, "environment": environment()}
     recipe.out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(recipe.out / "report.json", report)
     write_report_png(recipe.out, report)
     print(format_table(report))
     return report
+
+
+def environment() -> dict:
+    """What the numbers depend on besides the seed: library versions, CPU, threads (docs/decisions.md, "Toy world")."""
+    import platform
+
+    import tokenizers
+    import torch
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "tokenizers": tokenizers.__version__,
+            "python": platform.python_version(), "machine": platform.machine(), "cpu": _cpu_model(),
+            "threads": torch.get_num_threads()}
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown"
 
 
 def format_table(report: dict) -> str:
