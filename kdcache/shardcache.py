@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import time
 import warnings
 import weakref
 from pathlib import Path
@@ -90,9 +91,16 @@ class ShardCache:
             _touch(final)
             return final
         final.parent.mkdir(parents=True, exist_ok=True)
-        fd = lock.lock_file(_with_suffix(final, LOCK), exclusive=True, blocking=wait)
-        if fd is None:
-            return None
+        while True:                # another process may be downloading it: wait until it is here, or ours to fetch
+            fd = lock.lock_file(_with_suffix(final, LOCK), exclusive=True, blocking=False)
+            if fd is not None:
+                break
+            if self.present(entry):                      # fetched meanwhile (and pinned by its users: no lock)
+                _touch(final)
+                return final
+            if not wait:
+                return None
+            time.sleep(0.05)
         try:
             if not self.present(entry):                  # nobody fetched it while we waited
                 self.make_room(entry["num_bytes"], keep=final)

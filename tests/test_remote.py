@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 
 from kdcache.cli import app
 from kdcache.errors import CacheError, KdcacheError
-from kdcache.reader import CacheReader
+from kdcache.reader import CacheReader, verify_cache
 from kdcache.remote import RemoteConfig, parse_storage_options, redacted
 from kdcache.transfer import push_cache
 from student_train.config import TrainConfig
@@ -227,10 +227,76 @@ def test_a_frozen_server_mid_download_and_a_stopped_s3_server_are_one_line_error
     assert time.monotonic() - start < 2 * 1 + 0.1 + 5
     assert f"{server.url}/kd/shard-r000-00000.arrow: cannot download: no answer within 1 s" in str(caught.value)
     assert "\n" not in str(caught.value)
-    assert not any((tmp_path / "shard-cache").rglob("*.arrow"))      # nothing half-downloaded is kept
+    assert not [p for p in (tmp_path / "shard-cache").rglob("*") if p.suffix in (".arrow", ".part")]   # none kept
 
     url = pushed(world, s3, tmp_path)
     s3.stop()
     error = the_error(cli("verify", url, *[a for o in s3_options(s3) for a in ("--storage-option", o)],
                           "--net-retries", "1", "--net-backoff", "0.1", "--cache-dir", tmp_path / "c"))
     assert f"{url}/manifest.json: cannot read: cannot connect" in error, error
+
+
+# --- D. the shard cache: once per machine, verified before first use, bounded, shared
+
+
+def test_training_with_two_workers_from_s3_fetches_each_shard_once_then_none_from_a_warm_cache(world, s3, tmp_path):
+    url = pushed(world, s3, tmp_path)
+    config = remote_config(tmp_path, s3)
+    run_train(world, tmp_path / "cold", url, config, num_workers=2, max_steps=12)     # one epoch: every shard
+    counts, sent = shard_gets(s3, f"/{BUCKET}/kd"), s3.requests()["bytes"]
+    assert counts == {entry["path"]: 1 for entry in world["manifest"]["shards"]}, counts
+    moved = sum(n for key, n in sent.items() if key.startswith("GET "))
+    assert moved <= 1.05 * world["manifest"]["stats"]["num_bytes"] + 64 * 1024          # + the manifest
+    identity = "sha256:" + hashlib.sha256((world["cache"] / "manifest.json").read_bytes()).hexdigest()
+    cached = tmp_path / "shard-cache" / identity.removeprefix("sha256:") / "shards"
+    assert sorted(p.name for p in cached.glob("*.arrow")) == [e["path"] for e in world["manifest"]["shards"]]
+    s3.reset()
+    run_train(world, tmp_path / "warm", url, config, num_workers=2, max_steps=12)
+    assert shard_gets(s3, f"/{BUCKET}/kd") == {}                       # another run, same machine: nothing moves
+    metrics = [(tmp_path / run / "metrics.jsonl").read_text().splitlines() for run in ("cold", "warm")]
+    assert [json.loads(m)["loss"] for m in metrics[0]] == [json.loads(m)["loss"] for m in metrics[1]]
+
+
+def test_a_corrupted_shard_on_the_server_is_refused_in_one_line_and_not_kept(world, s3, tmp_path):
+    url = pushed(world, s3, tmp_path)
+    fs = s3fs.S3FileSystem(endpoint_url=s3.url, key=KEY, secret=SECRET, skip_instance_cache=True)
+    first = world["manifest"]["shards"][0]["path"]
+    data = bytearray(fs.cat(f"{BUCKET}/kd/{first}"))
+    data[len(data) // 2] ^= 0x01                                        # same size, one bit
+    fs.pipe(f"{BUCKET}/kd/{first}", bytes(data))
+    config = remote_config(tmp_path, s3)
+    with pytest.raises(CacheError) as caught:
+        CacheReader(url, remote=config).read_sample(0)
+    message = str(caught.value)
+    assert f"{url}/{first}: downloaded" in message and "sha256" in message and "nothing was kept" in message
+    assert "\n" not in message and not [p for p in (tmp_path / "shard-cache").rglob("*") if p.suffix in (".arrow", ".part")]
+    faults = verify_cache(url, quick=True, remote=config)
+    assert len(faults) == 1 and first in faults[0] and "sha256" in faults[0]
+
+
+def test_the_shard_cache_evicts_least_recently_used_unpinned_shards_beyond_its_limit(world, http_dir, tmp_path):
+    server, root = http_dir
+    shutil.copytree(world["cache"], root / "kd")
+    entries = world["manifest"]["shards"]
+    largest = max(e["num_bytes"] for e in entries)
+    config = remote_config(tmp_path, cache_size_gb=2.5 * largest / 2**30)   # room for two shards
+    reader = CacheReader(f"{server.url}/kd", remote=config)
+    cache = reader.shard_cache
+    _, pin = cache.acquire(entries[0])                                  # in use: never evicted
+    for entry in entries[1:4]:
+        cache.fetch(entry)
+    assert [cache.present(e) for e in entries[:4]] == [True, False, False, True]
+    pin.release()
+    cache.fetch(entries[4])
+    assert [cache.present(e) for e in entries[:5]] == [False, False, False, True, True]
+    assert shard_gets(server, "/kd") == {e["path"]: 1 for e in entries[:5]}
+
+
+def test_a_plain_http_server_without_range_serves_training_and_verify(world, http_dir, tmp_path):
+    server, root = http_dir
+    shutil.copytree(world["cache"], root / "kd")
+    url = f"{server.url}/kd"
+    run_train(world, tmp_path / "run", url, remote_config(tmp_path), num_workers=2, max_steps=12)
+    assert shard_gets(server, "/kd") == {entry["path"]: 1 for entry in world["manifest"]["shards"]}
+    assert verify_cache(url, remote=remote_config(tmp_path)) == []      # from the warm shard cache
+    assert shard_gets(server, "/kd") == {entry["path"]: 1 for entry in world["manifest"]["shards"]}
