@@ -22,11 +22,12 @@ from conftest import write_toy_dataset
 from servers import Server
 from typer.testing import CliRunner
 
+from kdcache import models
 from kdcache.cli import app
 from kdcache.errors import CacheError, KdcacheError
 from kdcache.reader import CacheReader, verify_cache
 from kdcache.remote import RemoteConfig, parse_storage_options, redacted
-from kdcache.transfer import push_cache
+from kdcache.transfer import pull_cache, push_cache
 from student_train.config import TrainConfig
 from student_train.train import train
 from teacher_dump.config import DumpConfig
@@ -300,3 +301,117 @@ def test_a_plain_http_server_without_range_serves_training_and_verify(world, htt
     assert shard_gets(server, "/kd") == {entry["path"]: 1 for entry in world["manifest"]["shards"]}
     assert verify_cache(url, remote=remote_config(tmp_path)) == []      # from the warm shard cache
     assert shard_gets(server, "/kd") == {entry["path"]: 1 for entry in world["manifest"]["shards"]}
+
+
+# --- E. identity: the manifest's sha256, sealed, pinned, recorded in checkpoints
+
+
+def identity_of_cache(cache: Path) -> str:
+    return "sha256:" + hashlib.sha256((cache / "manifest.json").read_bytes()).hexdigest()
+
+
+def test_verify_catches_an_edited_manifest_and_the_pin_refuses_another_cache(world, tmp_path):
+    cache = Path(shutil.copytree(world["cache"], tmp_path / "cache"))
+    identity = identity_of_cache(cache)
+    assert (cache / "manifest.sha256").read_text() == f"{identity[7:]}  manifest.json\n"   # sha256sum's format
+    assert verify_cache(cache, remote=RemoteConfig(expect_manifest=identity)) == []
+    for edit in (lambda m: m["shards"].pop(), lambda m: m["shards"][0].update(sha256="0" * 64),
+                 lambda m: m.update(num_samples=m["num_samples"])):              # even a rewrite of the same values
+        manifest = json.loads((cache / "manifest.json").read_text())
+        edit(manifest)
+        if manifest["shards"] and len(manifest["shards"]) < 6:
+            manifest["num_samples"] = sum(e["num_samples"] for e in manifest["shards"])
+        (cache / "manifest.json").write_text(json.dumps(manifest))
+        faults = verify_cache(cache, quick=True)
+        assert any("differs from the" in f and "manifest.sha256" in f for f in faults), faults
+    shutil.copy(world["cache"] / "manifest.json", cache / "manifest.json")
+    (cache / "manifest.sha256").unlink()
+    assert "manifest.sha256: missing" in verify_cache(cache, quick=True)[0]
+
+    other = "sha256:" + "1" * 64
+    with pytest.raises(CacheError, match="not the 1111.* that --expect-manifest pins"):
+        CacheReader(world["cache"], remote=RemoteConfig(expect_manifest=other))
+    error = the_error(cli("train", "--stage", "dpt", "--student", world["student"], "--cache", world["cache"],
+                          "--out", tmp_path / "run", "--device", "cpu", "--expect-manifest", other))
+    assert "--expect-manifest pins" in error and not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_checkpoints_record_the_cache_and_a_resume_from_another_cache_is_refused(world, s3, tmp_path):
+    url = pushed(world, s3, tmp_path)
+    run = tmp_path / "run"
+    run_train(world, run, url, remote_config(tmp_path, s3), max_steps=1)              # from the URL
+    state = json.loads((run / "checkpoints" / "step-000000001" / "state.json").read_text())
+    assert state["cache"] == identity_of_cache(world["cache"])
+    # the same cache elsewhere (a local copy, another shard cache) is the same cache: the resume goes on
+    run_train(world, run, world["cache"], remote_config(tmp_path / "other"), max_steps=2, resume=True)
+    other = tmp_path / "other-cache"                                  # another cache: its first shards only
+    pull_cache(world["cache"], other, shards=3)
+    (run / "run.json").unlink()                                       # even without the run record
+    with pytest.raises(KdcacheError, match="checkpoint .* was taken while training from the cache whose manifest"):
+        run_train(world, run, other, remote_config(tmp_path), max_steps=3, resume=True)
+
+
+# --- F. push, pull, check
+
+
+def test_push_uploads_shards_then_seal_then_manifest_resumes_and_refuses_another_cache(world, s3, tmp_path):
+    url = f"s3://{BUCKET}/kd"
+    config = remote_config(tmp_path, s3)
+    identity = push_cache(world["cache"], url, remote=config)                       # then verifies the copy
+    puts = [key for key in s3.requests()["counts"] if key.startswith("PUT ")]
+    assert puts[-2:] == [f"PUT /{BUCKET}/kd/manifest.sha256", f"PUT /{BUCKET}/kd/manifest.json"], puts
+    assert shard_gets(s3, f"/{BUCKET}/kd") == {e["path"]: 1 for e in world["manifest"]["shards"]}  # the check
+    assert identity == identity_of_cache(world["cache"])
+    s3.reset()
+    assert push_cache(world["cache"], url, remote=config, verify=False) == identity    # already there: no upload
+    assert not [key for key in s3.requests()["counts"] if key.startswith("PUT ")]
+    small = tmp_path / "small"
+    pull_cache(world["cache"], small, shards=2)
+    with pytest.raises(KdcacheError, match="already holds another cache"):
+        push_cache(small, url, remote=config)
+
+
+def test_pull_mirrors_or_cuts_a_valid_smaller_cache_and_resumes(world, s3, tmp_path):
+    url = pushed(world, s3, tmp_path)
+    config = remote_config(tmp_path, s3)
+    mirror = tmp_path / "mirror"
+    assert pull_cache(url, mirror, remote=config)["num_samples"] == 24
+    assert identity_of_cache(mirror) == identity_of_cache(world["cache"]) and verify_cache(mirror) == []
+    part = tmp_path / "part"
+    manifest = pull_cache(url, part, remote=config, samples=10)                      # 4 + 4 + 2 of the third
+    assert manifest["num_samples"] == 10 and [e["num_samples"] for e in manifest["shards"]] == [4, 4, 2]
+    assert manifest["origin"] == {"url": url, "manifest_sha256": identity_of_cache(world["cache"]),
+                                  "num_samples": 24, "shards": 6}
+    assert verify_cache(part) == [] and len(CacheReader(part, for_training=True)) == 10
+    ids = [CacheReader(part).read_sample(i)["sample_id"] for i in range(10)]
+    assert ids == [CacheReader(world["cache"]).read_sample(i)["sample_id"] for i in range(10)]
+
+    resumed = tmp_path / "resumed"                                    # an interrupted pull: 2 shards, one cut short
+    resumed.mkdir()
+    plan = {"origin": url, "manifest_sha256": identity_of_cache(world["cache"]), "shards": 4, "samples": None}
+    (resumed / "_pull.json").write_text(json.dumps(plan))
+    for entry in world["manifest"]["shards"][:2]:
+        shutil.copy(world["cache"] / entry["path"], resumed / entry["path"])
+    (resumed / world["manifest"]["shards"][1]["path"]).write_bytes(b"cut")
+    s3.reset()
+    assert pull_cache(url, resumed, remote=config, shards=4)["num_samples"] == 16
+    first = world["manifest"]["shards"][0]["path"]
+    assert first not in shard_gets(s3, f"/{BUCKET}/kd") and len(shard_gets(s3, f"/{BUCKET}/kd")) == 3
+    assert verify_cache(resumed) == [] and not (resumed / "_pull.json").exists()
+    with pytest.raises(KdcacheError, match="not empty"):
+        pull_cache(url, mirror, remote=config)
+
+
+def test_check_reads_only_the_manifest_and_says_whether_a_student_fits(world, s3, tmp_path):
+    url = pushed(world, s3, tmp_path)
+    flags = [arg for option in s3_options(s3) for arg in ("--storage-option", option)]
+    fits = cli("check", "--student", world["student"], "--cache", url, *flags)
+    assert fits.returncode == 0 and "fits this cache" in fits.stdout, fits.stderr[-3000:]
+    misfit = tmp_path / "misfit"                                      # another image size: other pixels
+    bundle = models.load_bundle(str(world["student"]))
+    bundle.image_processor.size = {"height": 48, "width": 48}
+    models.save_bundle(bundle, misfit, stages=bundle.stages)
+    error = the_error(cli("check", "--student", misfit, "--cache", url, *flags))
+    assert "does not match student" in error and "image processor size" in error
+    counts = s3.requests()["counts"]
+    assert not [key for key in counts if "shard-" in key], counts       # no shard was touched
