@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import s3fs
+import torch
 from conftest import write_toy_dataset
 from servers import Server
 from typer.testing import CliRunner
@@ -415,3 +416,50 @@ def test_check_reads_only_the_manifest_and_says_whether_a_student_fits(world, s3
     assert "does not match student" in error and "image processor size" in error
     counts = s3.requests()["counts"]
     assert not [key for key in counts if "shard-" in key], counts       # no shard was touched
+
+
+# --- G. the server dies mid-training: one line; once it is back, --resume continues loss for loss
+
+
+def test_a_server_killed_mid_training_is_one_line_and_the_resumed_run_equals_an_uninterrupted_one(
+        world, http_dir, tmp_path):
+    server, root = http_dir
+    shutil.copytree(world["cache"], root / "kd")
+    url = f"{server.url}/kd"
+    settings = dict(batch_size=2, global_batch=2, lr=1e-3, seed=3, save_every=2, max_steps=None)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)                       # as in the subprocesses (OMP_NUM_THREADS=1): same arithmetic
+    try:                                           # the uninterrupted reference, from the local copy
+        run_train(world, tmp_path / "whole", world["cache"], remote_config(tmp_path), **settings)
+    finally:
+        torch.set_num_threads(threads)
+    args = ["train", "--stage", "dpt", "--student", world["student"], "--cache", url, "--out", tmp_path / "run",
+            "--batch-size", "2", "--global-batch", "2", "--lr", "1e-3", "--seed", "3", "--save-every", "2",
+            "--device", "cpu", "--num-workers", "0", "--prefetch-shards", "0", "--cache-dir", tmp_path / "c",
+            "--net-timeout", "2", "--net-retries", "1", "--net-backoff", "0.1", "--no-progress"]
+    environment = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "kdcache.cli", *map(str, args)], cwd=REPO, env=environment,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics, deadline = tmp_path / "run" / "metrics.jsonl", time.time() + 120
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 1) and time.time() < deadline \
+            and proc.poll() is None:
+        time.sleep(0.01)
+    server.stop()                                  # after step 1: later steps need shards not fetched yet
+    stdout, stderr = proc.communicate(timeout=120)
+    error = the_error(subprocess.CompletedProcess(args, proc.returncode, stdout, stderr))
+    assert f"{url}/shard-r000-" in error and "cannot download: cannot connect" in error, error
+    steps_done = metrics.read_text().count("\n")
+    assert 1 <= steps_done < 12 and not (tmp_path / "run" / "final").exists()
+
+    back = server.restart()                        # the same files on the same port
+    try:
+        resumed = cli(*args, "--resume")
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+    finally:
+        back.stop()
+    expected = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    got = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [m["step"] for m in got] == list(range(1, 13))
+    for a, b in zip(expected, got):                # CPU, one thread: bit-identical
+        for key in ("loss", "ce", "kl_response", "kl_visual", "relation", "lr", "samples_seen"):
+            assert a[key] == b[key], (a["step"], key, a[key], b[key])
