@@ -1,7 +1,7 @@
 """Arrow record batches of the shard schema -> checked flat numpy arrays: the read side of the cache.
 
-`DecodedBatch` turns a record batch read from an untrusted shard into flat numpy arrays once and
-checks every row against the format and the manifest's `RowLimits` (this module is the only place
+`DecodedBatch` turns a record batch read from an untrusted shard into flat numpy arrays once (format
+2's encoded columns decoded by their manifest-named codecs, `kdcache.codecs`) and checks every row against the format and the manifest's `RowLimits` (this module is the only place
 rows read back are checked); `DecodedBatch.sample(row)` slices one sample out of them. No
 per-element Python. The write side (`coerce_sample`, `record_batch`) is `kdcache.records`.
 """
@@ -15,8 +15,9 @@ from dataclasses import dataclass, fields
 import numpy as np
 import pyarrow as pa
 
+from kdcache import codecs
 from kdcache.errors import CacheError, one_line
-from kdcache.schema import (COLUMNS, IMAGE, IMAGE_SHA256, INPUT_IDS, NULLABLE, RAGGED, RELATION, RELATION_NORM,
+from kdcache.schema import (COLUMNS, ENCODED, IMAGE, IMAGE_SHA256, INPUT_IDS, NULLABLE, RAGGED, RELATION, RELATION_NORM,
                             RESPONSE_ROWS, ROLES, SAMPLE_ID, TOPK, TOPK_COLUMNS, VISUAL_LEN, VISUAL_START,
                             relation_size)
 
@@ -51,7 +52,9 @@ class RowLimits:
     * `visual_len`: a row's visual_len is 0 (no image) or this;
     * `max_length`: at most this many tokens per sequence;
     * `images_embedded`: image bytes present exactly on rows with an image (True), never (False);
-    * `relation`: a relation exactly on rows with an image (True), never (False).
+    * `relation`: a relation exactly on rows with an image (True), never (False);
+    * `codecs` (format 2: {column: codec}; None: format 1) and `topk` ({role: k}): how encoded columns
+      decode. Every check above runs on the decoded values, whatever the codec.
     """
 
     vocab_size: int | None = None
@@ -61,6 +64,8 @@ class RowLimits:
     max_length: int | None = None
     images_embedded: bool | None = None
     relation: bool | None = None
+    codecs: dict | None = None
+    topk: dict | None = None
 
     @classmethod
     def from_manifest(cls, manifest: dict) -> RowLimits:
@@ -119,13 +124,43 @@ class DecodedBatch:
             self.relation_norm = batch.column(RELATION_NORM).to_pylist()
             self.relation_valid = _valid(batch.column(RELATION))
             # name -> (offsets (num_rows + 1,) from 0, values (n,) or (n, K))
-            self.ragged = {name: self._flat(batch.column(name), label) for name in RAGGED + TOPK}
+            self.ragged = {name: self._column(batch.column(name), name, label) for name in RAGGED + TOPK}
         except CacheError:
             raise
         except READ_ERRORS as e:
             raise CacheError(f"{label}: invalid record batch ({one_line(e, limit=ARROW_MESSAGE_CHARS)})") from e
         if self.num_rows:
             self._check(label)
+
+    def _column(self, column: pa.Array, name: str, label: str) -> tuple[np.ndarray, np.ndarray]:
+        """(offsets, values) of one ragged or top-k column: a list column as it is, a `binary` (format 2) one
+        decoded sample by sample by its codec; a payload that does not decode names its sample."""
+        if not pa.types.is_binary(column.type):
+            return self._flat(column, label)
+        codec = (self.limits.codecs or {}).get(name)
+        if codec is None or name not in ENCODED:
+            raise CacheError(f"{label}: column {name!r} is encoded but the manifest names no codec for it")
+        role = next((role for role, pair in TOPK_COLUMNS.items() if name in pair), None)
+        k = None if role is None else (self.limits.topk or {}).get(role)
+        if role is not None and k is None:
+            raise CacheError(f"{label}: column {name!r} is encoded but the manifest's topk is unknown here")
+        _, offsets_buffer, data_buffer = column.buffers()
+        offsets = np.frombuffer(offsets_buffer, np.int32)[column.offset: column.offset + len(column) + 1]
+        data = np.frombuffer(data_buffer, np.uint8) if data_buffer is not None else np.zeros(0, np.uint8)
+        valid = _valid(column)
+        empty = np.zeros((0,) if k is None else (0, k), np.int32 if ENCODED[name] == "ids" else np.float16)
+        parts = [empty]
+        for r in range(len(column)):
+            if not valid[r]:
+                parts.append(empty)
+                continue
+            try:
+                parts.append(codecs.decode(codec, data[offsets[r]: offsets[r + 1]], k))
+            except codecs.CodecError as e:
+                self._fail(r, name, f"payload ({codec}) {e}")
+        starts = np.zeros(len(column) + 1, np.int64)
+        np.cumsum([len(part) for part in parts[1:]], out=starts[1:])
+        return starts, np.concatenate(parts)
 
     @staticmethod
     def _flat(column: pa.ListArray, label: str) -> tuple[np.ndarray, np.ndarray]:

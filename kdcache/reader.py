@@ -226,7 +226,7 @@ class CacheReader:
         self.limits = RowLimits.from_manifest(self.manifest)
         self.k_response = self.manifest["topk"]["response"]
         self.k_visual = self.manifest["topk"]["visual"]
-        self.schema = schema.shard_schema(self.k_response, self.k_visual)
+        self.schema = schema.manifest_shard_schema(self.manifest)
         self._starts = np.cumsum([0] + [entry["num_samples"] for entry in self.shards])   # (S + 1,)
         if self._starts[-1] != self.manifest["num_samples"]:
             raise CacheError(f"{self.cache}: manifest num_samples {self.manifest['num_samples']} differs from the "
@@ -421,7 +421,7 @@ def verify_cache(cache, *, quick: bool = False, remote: RemoteConfig | None = No
     if malformed:                             # what is wrong with it matters more than whether it was edited
         return [one_line(fault, limit=_CHARS) for fault in malformed]
     faults = seal_faults(location, identity, remote.expected_identity())
-    expected = schema.shard_schema(manifest["topk"]["response"], manifest["topk"]["visual"])
+    expected = schema.manifest_shard_schema(manifest)
     limits = None if quick else RowLimits.from_manifest(manifest)
     shards = None if location.remote is None else ShardCache(location.remote, identity, remote)
     owner: dict[str, str] = {}

@@ -1,6 +1,7 @@
 """What the writer stores: one sample dict checked against the format and coerced to the stored
 dtypes (`coerce_sample`), its statistics, and 1-4 of them packed into one Arrow record batch of the
-shard schema from flat numpy buffers (`record_batch`). No per-element Python.
+shard schema from flat numpy buffers (`record_batch`), format 2's encoded columns as one codec payload
+per sample (`kdcache.codecs`). No per-element Python.
 
 The other direction, checking every row read back from an untrusted shard, is `kdcache.encoding`.
 """
@@ -13,8 +14,9 @@ import math
 import numpy as np
 import pyarrow as pa
 
+from kdcache import codecs
 from kdcache.errors import SampleError
-from kdcache.schema import (COLUMNS, IMAGE, IMAGE_SHA256, INPUT_IDS, INT32_MAX, RAGGED, RELATION, RELATION_NORM,
+from kdcache.schema import (COLUMNS, ENCODED, IMAGE, IMAGE_SHA256, INPUT_IDS, INT32_MAX, RAGGED, RELATION, RELATION_NORM,
                             RESPONSE_ROWS, SAMPLE_ID, TOPK, TOPK_COLUMNS, VISUAL_LEN, VISUAL_START, relation_size)
 
 
@@ -98,8 +100,10 @@ def raw_bytes(record: dict) -> int:
                for v in record.values())
 
 
-def record_batch(records: list[dict], shard_schema: pa.Schema) -> pa.RecordBatch:
-    """One record batch of coerced samples, built from flat numpy buffers."""
+def record_batch(records: list[dict], shard_schema: pa.Schema,
+                 column_codecs: dict[str, str] | None = None) -> pa.RecordBatch:
+    """One record batch of coerced samples, built from flat numpy buffers; with `column_codecs` (format 2,
+    `schema.column_codecs`) each encoded column holds one codec payload per sample (null for a null value)."""
     columns = {
         SAMPLE_ID: pa.array([r[SAMPLE_ID] for r in records], pa.string()),
         VISUAL_START: pa.array(np.array([r[VISUAL_START] for r in records], np.int32)),
@@ -109,8 +113,11 @@ def record_batch(records: list[dict], shard_schema: pa.Schema) -> pa.RecordBatch
         RELATION_NORM: pa.array([r[RELATION_NORM] for r in records], pa.float32()),
     }
     for name in RAGGED + TOPK:
-        field_type = shard_schema.field(name).type
-        columns[name] = _list_array([r[name] for r in records], field_type)
+        if column_codecs is not None and name in ENCODED:
+            columns[name] = pa.array([None if r[name] is None else codecs.encode(column_codecs[name], r[name])
+                                      for r in records], pa.binary())
+        else:
+            columns[name] = _list_array([r[name] for r in records], shard_schema.field(name).type)
     return pa.RecordBatch.from_arrays([columns[c] for c in COLUMNS], schema=shard_schema)
 
 

@@ -1,4 +1,4 @@
-"""The cache format, version 1 (docs/design.md §4): the only place its columns and layout are defined.
+"""The cache format, versions 1 and 2 (docs/design.md §4): the only place its columns and layout are defined.
 
 A cache is a directory holding `manifest.json` (written last) and Arrow IPC shards named
 `shard-r{rank:03d}-{index:05d}.arrow`; while a dump runs, per-shard sidecars, per-rank reports and
@@ -9,15 +9,18 @@ else; the writer (`kdcache.writer`), the reader (`kdcache.reader`), the row code
 
 from __future__ import annotations
 
+import json
 import math
 import re
 
 import pyarrow as pa
 
+from kdcache import codecs
 from kdcache.errors import CacheError
 
 FORMAT = "kdcache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2          # the newest this kdcache reads and writes; `kdcache dump --codec v1` writes version 1
+V1 = 1                      # format 1: every column a plain Arrow type (no `codecs` in the manifest)
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_SEAL_NAME = "manifest.sha256"   # sha256sum's line for manifest.json, written just before it (its seal)
@@ -51,6 +54,10 @@ TOPK_COLUMNS = {"response": (RESPONSE_TOPK_IDS, RESPONSE_TOPK_LOGPROBS),
 RAGGED = (INPUT_IDS, RESPONSE_ROWS, RELATION)                      # list<primitive>
 TOPK = tuple(c for pair in TOPK_COLUMNS.values() for c in pair)    # list<fixed_size_list<primitive, K>>
 
+# format 2: the columns a codec may encode (each stored as one `binary` payload per sample) and their kind
+ENCODED = {RESPONSE_TOPK_IDS: "ids", VISUAL_TOPK_IDS: "ids", RESPONSE_TOPK_LOGPROBS: "logprobs",
+           VISUAL_TOPK_LOGPROBS: "logprobs", RELATION: "relation"}
+
 SHARD_ENTRY_KEYS = ("path", "num_samples", "num_bytes", "sha256")
 REQUIRED_MANIFEST_KEYS = ("format", "format_version", "topk", "num_samples", "shards")
 # What training from a cache reads besides those (kdcache.compat, student_train/train.py, and the
@@ -65,8 +72,28 @@ TRAINING_MANIFEST_KEYS = ("tokenizer", "vocab_size", "image_token_id", "visual_l
 # most 4 samples and its metadata alone takes ~1.7 KB (the smallest possible samples cost ~470 B each).
 MIN_SHARD_BYTES_PER_SAMPLE = 64
 
-def shard_schema(k_response: int, k_visual: int) -> pa.Schema:
-    """The Arrow schema of every shard of a cache with these top-k sizes (docs/design.md §4, exactly)."""
+def column_codecs(codec: str) -> dict[str, str] | None:
+    """The manifest's `codecs` ({column: column codec}) of a `kdcache dump --codec` preset; None for "v1"."""
+    if codec == "v1":
+        return None
+    if codec not in codecs.PRESETS:
+        raise ValueError(f"unknown codec {codec!r} (expected one of {', '.join(codecs.CODEC_NAMES)})")
+    return {column: codecs.PRESETS[codec][kind] for column, kind in ENCODED.items()}
+
+
+def manifest_codecs(manifest: dict) -> dict[str, str] | None:
+    """The column codecs of a checked manifest (None: format 1, every column plain)."""
+    return manifest.get("codecs") if manifest.get("format_version", V1) > V1 else None
+
+
+def manifest_shard_schema(manifest: dict) -> pa.Schema:
+    """The schema every shard of a checked manifest's cache must have."""
+    return shard_schema(manifest["topk"]["response"], manifest["topk"]["visual"], manifest_codecs(manifest))
+
+
+def shard_schema(k_response: int, k_visual: int, column_codecs: dict[str, str] | None = None) -> pa.Schema:
+    """The Arrow schema of every shard of a cache with these top-k sizes (docs/design.md §4, exactly): format 1
+    without `column_codecs`, else format 2, its encoded columns `binary` (one payload per sample)."""
     for name, k in (("k_response", k_response), ("k_visual", k_visual)):
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise ValueError(f"{name} must be a positive int, got {k!r}")
@@ -85,8 +112,12 @@ def shard_schema(k_response: int, k_visual: int) -> pa.Schema:
         RELATION: pa.list_(pa.float16()),
         RELATION_NORM: pa.float32(),
     }
+    metadata = {"kdcache.format": FORMAT, "kdcache.format_version": str(V1)}
+    if column_codecs is not None:
+        types.update({name: pa.binary() for name in ENCODED})
+        metadata.update({"kdcache.format_version": "2", "kdcache.codecs": json.dumps(column_codecs, sort_keys=True)})
     fields = [pa.field(name, types[name], nullable=name in NULLABLE) for name in COLUMNS]
-    return pa.schema(fields, metadata={"kdcache.format": FORMAT, "kdcache.format_version": str(FORMAT_VERSION)})
+    return pa.schema(fields, metadata=metadata)
 
 
 def relation_size(visual_len: int) -> int:
@@ -132,7 +163,7 @@ def manifest_faults(manifest: object, source: str, *, for_training: bool = False
     for key, (valid, expected) in _MANIFEST_FIELDS.items():
         if key in manifest and not valid(manifest[key]):
             faults.append(f"{source}: manifest {key!r} must be {expected}, got {_show(manifest[key])}")
-    faults += _vocabulary_faults(manifest, source)
+    faults += _vocabulary_faults(manifest, source) + _codec_faults(manifest, source, version)
     shards = manifest.get("shards")
     seen: dict[str, int] = {}
     for i, entry in enumerate(shards if isinstance(shards, list) else []):
@@ -165,6 +196,20 @@ def _vocabulary_faults(manifest: dict, source: str) -> list[str]:
         if topk[role] > vocab:
             faults.append(f"{source}: manifest 'topk' {role} is {topk[role]}, more than vocab_size {vocab}")
     return faults
+
+
+def _codec_faults(manifest: dict, source: str, version: int) -> list[str]:
+    """Format 1 names no codecs; format 2 names a known one for every encoded column (`ENCODED`)."""
+    if version == V1:
+        return [f"{source}: manifest {key!r} is not part of format_version 1" for key in ("codec", "codecs")
+                if key in manifest]
+    found = manifest.get("codecs")
+    if not isinstance(found, dict) or set(found) != set(ENCODED):
+        return [f"{source}: manifest 'codecs' must map exactly {sorted(ENCODED)} to codec names "
+                f"(format_version {version}), got {_show(found)}"]
+    return [f"{source}: manifest 'codecs' {column!r} is {_show(name)}, expected one of "
+            f"{list(codecs.KIND_CODECS[ENCODED[column]])}"
+            for column, name in sorted(found.items()) if name not in codecs.KIND_CODECS[ENCODED[column]]]
 
 
 def check_manifest(manifest: object, source: str, *, for_training: bool = False) -> None:
@@ -288,6 +333,7 @@ _MANIFEST_FIELDS = {
                         max_samples=_optional(_count)), "an object (source, images, fingerprint: strings)"),
     "image_processor": (lambda v: isinstance(v, dict), "an object"),
     "template": (_text, "a string"),
+    "codec": (lambda v: isinstance(v, str) and v in codecs.PRESETS, f"one of {sorted(codecs.PRESETS)}"),   # format 2: the dump's --codec
     "kdcache_version": (_text, "a string"),
     "created": (_text, "a string"),
     "skipped": (_list_of(_object(sample_id=_text, reason=_text)), "a list of {sample_id, reason} strings"),

@@ -41,11 +41,14 @@ class ShardWriter:
     only the sample it wants, while small text-only samples share a batch.
 
     `write` takes a dict whose keys are the column names (`kdcache.schema.COLUMNS`); see
-    `kdcache.records.coerce_sample` for what each value may be.
+    `kdcache.records.coerce_sample` for what each value may be. `codec` is `kdcache dump --codec`:
+    "v1" writes format 1, "lossless" / "compact" format 2 (`kdcache.codecs`); every shard of a cache
+    has the same one (a partial cache written with another is refused).
     """
 
     def __init__(self, cache_dir, *, rank: int = 0, k_response: int, k_visual: int,
-                 shard_size_bytes: int = 512 << 20, samples_per_batch: int = 4, batch_bytes: int = 512 << 10):
+                 shard_size_bytes: int = 512 << 20, samples_per_batch: int = 4, batch_bytes: int = 512 << 10,
+                 codec: str = "v1"):
         if not 1 <= samples_per_batch <= 4:
             raise ValueError(f"samples_per_batch must be 1-4 (the format's record batches), got {samples_per_batch}")
         if shard_size_bytes <= 0:
@@ -56,9 +59,11 @@ class ShardWriter:
         self.rank, self.k_response, self.k_visual = rank, k_response, k_visual
         self.shard_size_bytes, self.samples_per_batch = shard_size_bytes, samples_per_batch
         self.batch_bytes = batch_bytes
-        self.schema = schema.shard_schema(k_response, k_visual)
+        self.codec, self.column_codecs = codec, schema.column_codecs(codec)
+        self.schema = schema.shard_schema(k_response, k_visual, self.column_codecs)
         (self.cache_dir / schema.PARTS_DIR).mkdir(parents=True, exist_ok=True)
         remove_unfinished(self.cache_dir, rank)
+        _check_codec(self.cache_dir, finished_parts(self.cache_dir), codec)
         finished = [index for _, index, _ in finished_parts(self.cache_dir, rank)]
         self._next_index = max(finished) + 1 if finished else 0
         self._pending: list[dict] = []
@@ -111,7 +116,7 @@ class ShardWriter:
 
     def _flush(self) -> None:
         if self._shard is None:
-            self._shard = _OpenShard(self.cache_dir, self.rank, self._next_index, self.schema)
+            self._shard = _OpenShard(self.cache_dir, self.rank, self._next_index, self.schema, self.column_codecs)
             self._next_index += 1
         self._shard.write(self._pending)
         self._pending, self._pending_bytes = [], 0
@@ -119,7 +124,7 @@ class ShardWriter:
             self._finish_shard()
 
     def _finish_shard(self) -> None:
-        self._shard.finish(topk={"response": self.k_response, "visual": self.k_visual})
+        self._shard.finish(topk={"response": self.k_response, "visual": self.k_visual}, codec=self.codec)
         self.shards_written.append(self._shard.name)
         self._shard = None
 
@@ -127,13 +132,14 @@ class ShardWriter:
 class _OpenShard:
     """A shard being written under its temporary name."""
 
-    def __init__(self, cache_dir: Path, rank: int, index: int, shard_schema: pa.Schema):
+    def __init__(self, cache_dir: Path, rank: int, index: int, shard_schema: pa.Schema,
+                 column_codecs: dict[str, str] | None = None):
         self.rank, self.index = rank, index
         self.name = schema.shard_name(rank, index)
         self.path = cache_dir / self.name
         self.tmp = cache_dir / (self.name + ".tmp")
         self.sidecar = cache_dir / schema.PARTS_DIR / sidecar_name(self.name)
-        self.schema = shard_schema
+        self.schema, self.column_codecs = shard_schema, column_codecs
         self.sink = pa.OSFile(str(self.tmp), "wb")
         self.writer = pa.ipc.new_file(self.sink, shard_schema,
                                       options=pa.ipc.IpcWriteOptions(compression=COMPRESSION))
@@ -141,7 +147,7 @@ class _OpenShard:
         self.stats: dict = {}
 
     def write(self, records: list[dict]) -> None:
-        self.writer.write_batch(record_batch(records, self.schema))
+        self.writer.write_batch(record_batch(records, self.schema, self.column_codecs))
         for record in records:
             self.sample_ids.append(record[schema.SAMPLE_ID])
             self.stats = add_stats(self.stats, sample_stats(record))
@@ -149,12 +155,12 @@ class _OpenShard:
     def size(self) -> int:
         return self.sink.tell()
 
-    def finish(self, *, topk: dict) -> None:
+    def finish(self, *, topk: dict, codec: str = "v1") -> None:
         self.writer.close()
         self.sink.close()
         num_bytes, sha256 = sha256_file(self.tmp, sync=True)
         write_json_atomic(self.sidecar, {
-            "path": self.name, "rank": self.rank, "index": self.index, "topk": topk,
+            "path": self.name, "rank": self.rank, "index": self.index, "topk": topk, "codec": codec,
             "num_samples": len(self.sample_ids), "num_bytes": num_bytes, "sha256": sha256,
             "sample_ids": self.sample_ids, "stats": self.stats,
         })
@@ -193,6 +199,17 @@ def finished_parts(cache_dir, rank: int | None = None) -> list[tuple[int, int, d
         except (OSError, ValueError) as e:
             raise CacheError(f"{path}: unreadable shard sidecar ({e})") from e
     return sorted(found, key=lambda part: part[:2])
+
+
+def _check_codec(cache_dir: Path, parts: list, codec: str | None) -> str:
+    """The one codec of a cache's finished shards (a sidecar without one: "v1"), which must be `codec` when
+    given; a partial dump is resumed only with the codec it was started with. Returns it (or `codec`)."""
+    found = sorted({sidecar.get("codec", "v1") for _, _, sidecar in parts})
+    if len(found) > 1 or (found and codec is not None and found[0] != codec):
+        raise CacheError(f"{cache_dir}: its finished shards were written with --codec {' and '.join(found)}"
+                         + (f", not {codec}" if codec is not None else "")
+                         + "; resume a dump with the codec it was started with (or choose another --out)")
+    return found[0] if found else codec
 
 
 def remove_unfinished(cache_dir, rank: int | None = None) -> None:
@@ -259,10 +276,13 @@ def finalize_cache(cache_dir, manifest: dict) -> dict:
     stats: dict = {}
     for _, _, sidecar in parts:
         stats = add_stats(stats, sidecar["stats"])
+    codec = _check_codec(cache_dir, parts, None) or manifest.get("codec", "v1")
+    column_codecs = schema.column_codecs(codec)
     merged = {
-        **manifest,
+        **{key: value for key, value in manifest.items() if key not in ("codec", "codecs")},
         "format": schema.FORMAT,
-        "format_version": schema.FORMAT_VERSION,
+        "format_version": schema.V1 if column_codecs is None else schema.FORMAT_VERSION,
+        **({} if column_codecs is None else {"codec": codec, "codecs": column_codecs}),
         "topk": _merged_topk(cache_dir, manifest, parts),
         "num_samples": len(where),
         "shards": shards,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from kdcache.codecs import CodecName
 from kdcache.config import DEVICE_PATTERN, MAX_IMAGE_MB, MAX_IMAGE_PIXELS, DTypeName, check_fields
 from kdcache.templates import TemplateName
 
@@ -27,6 +28,9 @@ class DumpConfig:
     temperature_visual: float = field(default=1.0, metadata={"help": "Softmax temperature at visual rows.", "gt": 0})
     relation: bool = field(default=True, metadata={"help": "Store relation matrices."})
     embed_images: bool = field(default=True, metadata={"help": "Embed image bytes in the cache."})
+    codec: CodecName = field(default="lossless", metadata={
+        "help": "Shard encoding: lossless (format 2, bit-exact values, smaller), compact (format 2, quantised "
+                "log-probs and relation, smallest; error bounds in docs/design.md) or v1 (format 1, for older readers)."})
     batch_size: int = field(default=8, metadata={"help": "Samples per teacher forward.", "ge": 1})
     max_samples: int | None = field(default=None, metadata={"help": "Dump only the first N samples.", "ge": 1})
     max_length: int = field(default=2048, metadata={"help": "Longest sequence allowed, in tokens.", "ge": 1})

@@ -334,7 +334,7 @@ def finalize(out: Path, run: dict, cfg: DumpConfig, num_records: int, skipped: l
 def open_writer(cfg: DumpConfig, rank: int) -> ShardWriter:
     """This rank's shard writer for `cfg.out` (a context manager: a failure discards the open shard)."""
     return ShardWriter(cfg.out, rank=rank, k_response=cfg.topk_response, k_visual=cfg.topk_visual,
-                       shard_size_bytes=int(cfg.shard_size_mb * (1 << 20)))
+                       shard_size_bytes=int(cfg.shard_size_mb * (1 << 20)), codec=cfg.codec)
 
 
 # --- samples -> teacher inputs (the preparing thread)

@@ -89,7 +89,7 @@ def test_dump_writes_a_manifest_that_describes_the_cache(tiny_teacher_dir, toy_d
     on_disk = json.loads((tmp_path / "cache" / "manifest.json").read_text())
     assert on_disk == manifest
     bundle = models.load_bundle(str(tiny_teacher_dir))
-    assert manifest["format"] == "kdcache" and manifest["format_version"] == 1
+    assert manifest["format"] == "kdcache" and manifest["format_version"] == 2 and manifest["codec"] == "lossless"
     assert manifest["tokenizer"]["fingerprint"] == models.tokenizer_fingerprint(bundle.tokenizer)
     assert manifest["tokenizer_size"] == len(bundle.tokenizer) == manifest["vocab_size"] == 600   # an unpadded head
     assert manifest["visual_len"] == models.visual_len_of(bundle.model.config)

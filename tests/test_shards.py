@@ -241,8 +241,8 @@ def test_finalize_records_skipped_samples_and_statistics(tmp_path):
 
 def test_reader_refuses_unknown_format_version(tmp_path):
     write_cache(tmp_path, [make_sample("a")])
-    rewrite_manifest(tmp_path, format_version=2)
-    with pytest.raises(CacheError, match=r"format_version 2 is newer than this kdcache understands \(1\); upgrade"):
+    rewrite_manifest(tmp_path, format_version=3)
+    with pytest.raises(CacheError, match=r"format_version 3 is newer than this kdcache understands \(2\); upgrade"):
         CacheReader(tmp_path)
     rewrite_manifest(tmp_path, format_version=1, format="something-else")
     with pytest.raises(CacheError, match="not a kdcache cache"):

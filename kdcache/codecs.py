@@ -1,0 +1,209 @@
+"""Per-column codecs of cache format version 2 (docs/design.md §4): numpy only, no pyarrow, no torch.
+
+A format-2 shard stores each encoded column as one `binary` payload per sample; the manifest's
+`codecs` maps every encoded column to the codec that wrote it. Decoding gives back exactly the
+arrays a version-1 shard holds (ids int32 (n, k), log-probs float16 (n, k), relation float16 (m,)),
+and `kdcache.encoding.DecodedBatch` then runs every row check on those decoded values. Rows keep
+the order the dump wrote (the teacher's top-k, by descending log-prob): measured smaller than
+storing ids in ascending id order (docs/decisions.md, "Cache format v2").
+
+Column codecs (the names are part of the format; each is a fixed layout, no parameters):
+
+* `shuffle32` (top-k ids): the int32 ids, byte planes (all first bytes, then all second, ...).
+* `delta16` (top-k log-probs, lossless): each row's float16 bit patterns as uint16, every entry
+  after a row's first replaced by its difference from the previous one modulo 2^16 (descending
+  log-probs have slowly rising bit patterns), then 2 byte planes. Exact for every bit pattern.
+* `logq8` (top-k log-probs, lossy): per row its largest value `m` (float16, 2 byte planes), then one
+  uint8 code per entry, `c = round((m - x) / LOGQ8_STEP)` clamped to 254, 255 for -inf, stored as
+  differences along the row modulo 256. Decoded `m - c * LOGQ8_STEP` (float16). Worst case: an entry
+  within 254 steps (15.875 nats) of its row's largest is off by at most LOGQ8_STEP / 2 = 1/32 nat in
+  log-probability (+ float16 rounding); one further below is stored as `m - 15.875` nats, a probability
+  error below e^-15.875 ~ 1.3e-7 times the row's largest probability; -inf stays -inf.
+* `shuffle16` (relation, lossless): the float16 values, 2 byte planes.
+* `int8col` (relation, lossy): a float32 scale `s = max|x| / 127`, then the int8 codes `X = round(x / s)`
+  of the upper triangle, each (i >= 1) as its difference from the one above it in the matrix,
+  `X[i,j] - X[i-1,j]` modulo 256 (neighbouring patches have similar relations; the one above is in the
+  triangle too, so decoding is one cumulative sum down the columns), in the triangle's row-major order.
+  Decoded `float16(c * s)`: an absolute error of at most s / 2 per value (+ float16 rounding).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+
+CodecName = Literal["v1", "lossless", "compact"]
+CODEC_NAMES = ("v1", "lossless", "compact")
+
+SHUFFLE32, DELTA16, LOGQ8, SHUFFLE16, INT8COL = "shuffle32", "delta16", "logq8", "shuffle16", "int8col"
+LOGQ8_STEP = 1.0 / 16           # nats per code
+LOGQ8_FLOOR_CODE, LOGQ8_NEG_INF = 254, 255
+
+# column kind -> the codecs that may store it ("ids", "logprobs", "relation")
+KIND_CODECS = {"ids": (SHUFFLE32,), "logprobs": (DELTA16, LOGQ8), "relation": (SHUFFLE16, INT8COL)}
+# codec preset (kdcache dump --codec) -> column kind -> codec; "v1" encodes nothing
+PRESETS = {"lossless": {"ids": SHUFFLE32, "logprobs": DELTA16, "relation": SHUFFLE16},
+           "compact": {"ids": SHUFFLE32, "logprobs": LOGQ8, "relation": INT8COL}}
+
+
+class CodecError(ValueError):
+    """A payload that cannot be decoded (the caller names the shard, sample and column)."""
+
+
+# --- byte planes
+
+
+def shuffle(values: np.ndarray) -> bytes:
+    """The bytes of a contiguous array as byte planes (byte 0 of every value, then byte 1, ...)."""
+    flat = np.ascontiguousarray(values).reshape(-1)
+    return flat.view(np.uint8).reshape(len(flat), flat.itemsize).T.tobytes()
+
+
+def unshuffle(data: np.ndarray, dtype) -> np.ndarray:
+    """Inverse of `shuffle`: (n,) values of `dtype` from n * itemsize uint8 bytes."""
+    size = np.dtype(dtype).itemsize
+    if len(data) % size:
+        raise CodecError(f"holds {len(data)} bytes, not a multiple of {size}")
+    n = len(data) // size
+    out = np.empty(len(data), np.uint8)
+    for plane in range(size):                         # strided copies: faster than a transposed copy
+        out[plane::size] = data[plane * n: (plane + 1) * n]
+    return out.view(dtype)
+
+
+def _rows(data: np.ndarray, per_row: int, k: int, what: str) -> int:
+    if len(data) % per_row:
+        raise CodecError(f"holds {len(data)} bytes, not a whole number of rows of {k} {what} ({per_row} bytes each)")
+    return len(data) // per_row
+
+
+# --- top-k ids and log-probs ((n, k) per sample)
+
+
+def encode_ids(ids: np.ndarray) -> bytes:
+    return shuffle(ids.astype(np.int32, copy=False))
+
+
+def decode_ids(data: np.ndarray, k: int) -> np.ndarray:
+    n = _rows(data, 4 * k, k, "int32 ids")
+    return unshuffle(data, np.int32).reshape(n, k)
+
+
+def encode_delta16(logprobs: np.ndarray) -> bytes:
+    bits = np.ascontiguousarray(logprobs, np.float16).view(np.uint16)
+    delta = bits.copy()
+    delta[:, 1:] -= bits[:, :-1]                   # uint16 arithmetic: modulo 2^16
+    return shuffle(delta)
+
+
+def decode_delta16(data: np.ndarray, k: int) -> np.ndarray:
+    n = _rows(data, 2 * k, k, "float16 log-probs")
+    delta = unshuffle(data, np.uint16).reshape(n, k)
+    return np.cumsum(delta, axis=1, dtype=np.uint16).view(np.float16)
+
+
+def encode_logq8(logprobs: np.ndarray) -> bytes:
+    values = np.asarray(logprobs, np.float16)
+    n, k = values.shape
+    top = values.max(axis=1, initial=-np.inf) if k else np.zeros(n, np.float16)
+    with np.errstate(invalid="ignore"):           # -inf - -inf on a row of -inf only
+        steps = (top.astype(np.float32)[:, None] - values.astype(np.float32)) / LOGQ8_STEP
+        codes = np.where(np.isfinite(steps), np.clip(np.rint(steps), 0, LOGQ8_FLOOR_CODE), LOGQ8_FLOOR_CODE)
+    codes = np.where(np.isneginf(values), LOGQ8_NEG_INF, codes).astype(np.uint8)
+    delta = codes.copy()
+    delta[:, 1:] -= codes[:, :-1]                  # uint8 arithmetic: modulo 256
+    return shuffle(top.astype(np.float16)) + delta.tobytes()
+
+
+def decode_logq8(data: np.ndarray, k: int) -> np.ndarray:
+    n = _rows(data, k + 2, k, "uint8 codes and a float16 row maximum")
+    top = unshuffle(data[:2 * n], np.float16).astype(np.float32)
+    codes = np.cumsum(data[2 * n:].reshape(n, k), axis=1, dtype=np.uint8)
+    values = top[:, None] - codes.astype(np.float32) * LOGQ8_STEP
+    values[codes == LOGQ8_NEG_INF] = -np.inf
+    with np.errstate(invalid="ignore"):              # a NaN / inf maximum: refused by the row checks
+        return values.astype(np.float16)
+
+
+# --- relation (the upper triangle, m = L (L + 1) / 2 values)
+
+
+def encode_shuffle16(relation: np.ndarray) -> bytes:
+    return shuffle(np.asarray(relation, np.float16))
+
+
+def decode_shuffle16(data: np.ndarray) -> np.ndarray:
+    return unshuffle(data, np.float16)
+
+
+def encode_int8col(relation: np.ndarray) -> bytes:
+    values = np.asarray(relation, np.float32)
+    upper = _upper(side_of(len(values)))
+    peak = float(np.abs(values).max()) if len(values) else 0.0
+    scale = np.float32(peak / 127 if peak > 0 else 1.0)
+    codes = np.zeros(upper.shape, np.uint8)
+    codes[upper] = np.clip(np.rint(values / scale), -127, 127).astype(np.int8).view(np.uint8)
+    diff = codes.copy()
+    diff[1:] -= codes[:-1]                          # uint8 arithmetic: modulo 256
+    return np.array([scale], np.float32).tobytes() + diff[upper].tobytes()
+
+
+def decode_int8col(data: np.ndarray) -> np.ndarray:
+    if len(data) < 4:
+        raise CodecError(f"holds {len(data)} bytes, less than its float32 scale")
+    scale = np.float32(data[:4].view(np.float32)[0])
+    if not (np.isfinite(scale) and scale > 0):
+        raise CodecError(f"has scale {scale}, expected a finite number > 0")
+    upper = _upper(side_of(len(data) - 4))
+    diff = np.zeros(upper.shape, np.uint8)
+    diff[upper] = data[4:]
+    codes = np.cumsum(diff, axis=0, dtype=np.uint8)[upper]       # zeros below the diagonal add nothing
+    with np.errstate(over="ignore"):                 # a scale beyond float16: inf, refused by the row checks
+        table = (np.arange(256, dtype=np.uint8).view(np.int8).astype(np.float32) * scale).astype(np.float16)
+    return np.take(table, codes)
+
+
+def side_of(m: int) -> int:
+    """L with L (L + 1) / 2 == m (CodecError if there is none)."""
+    L = int((np.sqrt(8 * m + 1) - 1) // 2)
+    while L * (L + 1) // 2 < m:
+        L += 1
+    if L * (L + 1) // 2 != m:
+        raise CodecError(f"holds {m} relation values, not L (L + 1) / 2 for any L")
+    return L
+
+
+_UPPER: dict[int, np.ndarray] = {}
+
+
+def _upper(L: int) -> np.ndarray:
+    """(L, L) bool mask of the upper triangle, diagonal included: selecting with it gives the triangle in
+    row-major order (`kdcache.targets.pack_upper`'s layout). Cached per L."""
+    if L not in _UPPER:
+        if len(_UPPER) > 8:
+            _UPPER.clear()
+        _UPPER[L] = np.triu(np.ones((L, L), bool))
+    return _UPPER[L]
+
+
+# --- by name
+
+_ENCODE_TOPK = {SHUFFLE32: encode_ids, DELTA16: encode_delta16, LOGQ8: encode_logq8}
+_DECODE_TOPK = {SHUFFLE32: decode_ids, DELTA16: decode_delta16, LOGQ8: decode_logq8}
+_ENCODE_RELATION = {SHUFFLE16: encode_shuffle16, INT8COL: encode_int8col}
+_DECODE_RELATION = {SHUFFLE16: decode_shuffle16, INT8COL: decode_int8col}
+
+
+def encode(codec: str, values: np.ndarray) -> bytes:
+    """One sample's column (top-k (n, k) or relation (m,)) as a `codec` payload."""
+    return (_ENCODE_TOPK.get(codec) or _ENCODE_RELATION[codec])(values)
+
+
+def decode(codec: str, data: np.ndarray, k: int | None = None) -> np.ndarray:
+    """One sample's payload (uint8 (bytes,)) decoded; `k` for top-k columns. CodecError if malformed."""
+    if codec in _DECODE_TOPK:
+        return _DECODE_TOPK[codec](data, k)
+    if codec in _DECODE_RELATION:
+        return _DECODE_RELATION[codec](data)
+    raise CodecError(f"unknown codec {codec!r}")

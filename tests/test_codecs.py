@@ -1,0 +1,338 @@
+"""Cache format 2 (issue 10): per-column codecs, their round trips on adversarial rows, the kept version-1
+cache, equal losses for `lossless`, the documented bounds of `compact`, corrupted payloads, manifests."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+import codec_samples as cs
+from kdcache import codecs, schema, writer
+from kdcache.errors import CacheError, KdcacheError
+from kdcache.losses import relation_loss, sparse_kl
+from kdcache.reader import CacheReader, verify_cache
+from kdcache.writer import COMPRESSION, ShardWriter, finalize_cache, write_rank_report
+
+KEPT_V1 = Path(__file__).parent / "data" / "cache-v1"   # written by kdcache at 6a266a1 (before format 2)
+KEPT_V1_PYARROW = "26.0.1"                              # the pyarrow that wrote it: same bytes expected
+SHARD = "shard-r000-00000.arrow"
+ALL_CODECS = ("v1", "lossless", "compact")
+
+
+def write(cache: Path, codec: str, samples=None) -> dict:
+    with ShardWriter(cache, rank=0, k_response=cs.K_R, k_visual=cs.K_V, codec=codec) as shard_writer:
+        for sample in samples if samples is not None else cs.samples():
+            shard_writer.write(sample)
+    write_rank_report(cache, 0, skipped=[])
+    return finalize_cache(cache, dict(cs.MANIFEST))
+
+
+def read_all(cache: Path) -> list[dict]:
+    return list(CacheReader(cache, verify=True, for_training=True))
+
+
+def bits(values) -> np.ndarray:
+    return np.asarray(values, np.float16).view(np.uint16)
+
+
+# --- the documented bounds of `compact` (kdcache/codecs.py), checked against a plain reference
+
+
+def logq8_bound(stored: np.ndarray, row_max: np.ndarray) -> np.ndarray:
+    """Worst case |decoded - stored| of an entry within 254 steps of its row's largest: half a step plus
+    the float16 rounding of the decoded value (half its spacing, <= 2^-11 |x|) and of the row's largest."""
+    return codecs.LOGQ8_STEP / 2 + (np.abs(stored) + np.abs(row_max)) * 2.0 ** -11
+
+
+def assert_logq8_within_bound(decoded: np.ndarray, stored: np.ndarray) -> None:
+    x, y = stored.astype(np.float64), decoded.astype(np.float64)
+    assert np.array_equal(np.isneginf(x), np.isneginf(y))
+    finite = np.isfinite(x)
+    top = np.broadcast_to(np.max(np.where(finite, x, -1e9), axis=1, initial=-1e9)[:, None], x.shape)
+    floor = top - codecs.LOGQ8_FLOOR_CODE * codecs.LOGQ8_STEP
+    near = finite & (x >= floor - codecs.LOGQ8_STEP / 2)
+    assert (np.abs(y[near] - x[near]) <= logq8_bound(x[near], top[near])).all()
+    far = finite & ~near                            # stored at the floor: a probability error < e^-15.875 p_max
+    assert (np.abs(y[far] - floor[far]) <= logq8_bound(floor[far], top[far])).all()
+    assert (np.abs(np.exp(y[far]) - np.exp(x[far])) <= np.exp(floor[far] + codecs.LOGQ8_STEP)).all()
+
+
+def assert_int8col_within_bound(decoded: np.ndarray, stored: np.ndarray) -> None:
+    x = stored.astype(np.float64)
+    step = np.abs(x).max() / 127
+    assert (np.abs(decoded.astype(np.float64) - x) <= step / 2 + np.abs(x) * 2.0 ** -10 + 1e-12).all()
+
+
+def renormalised_kl(stored: np.ndarray, exact: np.ndarray) -> np.ndarray:
+    """KL(stored || exact) per row, both renormalised over the row's k entries (rows with some mass)."""
+    q, p = np.exp(stored.astype(np.float64)), np.exp(exact.astype(np.float64))
+    keep = (q.sum(1) > 0) & (p.sum(1) > 0)
+    q, p = q[keep] / q[keep].sum(1, keepdims=True), p[keep] / p[keep].sum(1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(q > 0, q * (np.log(q) - np.log(p)), 0.0).sum(1)
+
+
+# --- the codecs themselves
+
+
+@pytest.mark.parametrize("codec", [codecs.SHUFFLE32, codecs.DELTA16, codecs.LOGQ8])
+@pytest.mark.parametrize("rows", [0, 1, 5])
+def test_topk_codecs_round_trip_every_special_value(codec, rows):
+    special = np.concatenate([cs.SPECIAL_ROWS, -np.abs(np.random.default_rng(rows).normal(size=(7, cs.V)) * 5)])
+    values = special[:rows].astype(np.float16) if codec != codecs.SHUFFLE32 else \
+        np.random.default_rng(rows).integers(0, 2 ** 31 - 1, size=(rows, cs.V)).astype(np.int32)
+    payload = np.frombuffer(codecs.encode(codec, values), np.uint8)
+    decoded = codecs.decode(codec, payload, cs.V)
+    assert decoded.shape == (rows, cs.V) and decoded.dtype == values.dtype
+    if codec == codecs.LOGQ8:
+        assert len(payload) == rows * (cs.V + 2)
+        assert_logq8_within_bound(decoded, values)
+    else:
+        assert np.array_equal(decoded.view(np.uint8), values.view(np.uint8))     # bit for bit, -0.0 included
+
+
+@pytest.mark.parametrize("codec", [codecs.SHUFFLE16, codecs.INT8COL])
+@pytest.mark.parametrize("L", [1, 2, 7, 40])
+def test_relation_codecs_round_trip(codec, L):
+    rng = np.random.default_rng(L)
+    values = (rng.normal(size=L * (L + 1) // 2) * rng.choice([1e-6, 1.0, 100.0], size=L * (L + 1) // 2)).astype(np.float16)
+    values[0] = -0.0
+    decoded = codecs.decode(codec, np.frombuffer(codecs.encode(codec, values), np.uint8))
+    assert decoded.dtype == np.float16 and decoded.shape == values.shape
+    if codec == codecs.SHUFFLE16:
+        assert np.array_equal(bits(decoded), bits(values))
+    else:
+        assert_int8col_within_bound(decoded, values)
+    zeros = np.zeros(L * (L + 1) // 2, np.float16)
+    assert not codecs.decode(codec, np.frombuffer(codecs.encode(codec, zeros), np.uint8)).any()
+
+
+@pytest.mark.parametrize("codec, payload, k, message", [
+    (codecs.SHUFFLE32, b"\0" * 10, 2, "not a whole number of rows"),
+    (codecs.DELTA16, b"\0" * 3, 1, "not a whole number of rows"),
+    (codecs.LOGQ8, b"\0" * 5, 2, "not a whole number of rows"),
+    (codecs.SHUFFLE16, b"\0" * 5, None, "not a multiple of 2"),
+    (codecs.INT8COL, b"\0" * 3, None, "less than its float32 scale"),
+    (codecs.INT8COL, np.array([np.nan], np.float32).tobytes() + b"\0", None, "expected a finite number > 0"),
+    (codecs.INT8COL, np.array([1.0], np.float32).tobytes() + b"\0" * 4, None, r"not L \(L \+ 1\) / 2"),
+])
+def test_malformed_payloads_raise_codec_errors(codec, payload, k, message):
+    with pytest.raises(codecs.CodecError, match=message):
+        codecs.decode(codec, np.frombuffer(payload, np.uint8), k)
+
+
+# --- caches of every codec
+
+
+@pytest.mark.parametrize("codec", ALL_CODECS)
+def test_every_codec_round_trips_adversarial_samples_through_a_cache(tmp_path, codec):
+    manifest = write(tmp_path / "cache", codec)
+    assert manifest["format_version"] == (1 if codec == "v1" else 2)
+    assert ("codecs" in manifest) == (codec != "v1") and manifest.get("codec") == (None if codec == "v1" else codec)
+    assert verify_cache(tmp_path / "cache") == []
+    with pa.OSFile(str(tmp_path / "cache" / SHARD), "rb") as source:       # a real Arrow file of the format
+        assert pa.ipc.open_file(source).schema.equals(schema.manifest_shard_schema(manifest), check_metadata=True)
+    for got, sample in zip(read_all(tmp_path / "cache"), cs.samples(), strict=True):
+        for column in ("input_ids", "response_rows", "response_topk_ids", "visual_topk_ids"):
+            assert np.array_equal(got[column], sample[column]), column     # ids exact, in the written order
+        for column in ("response_topk_logprobs", "visual_topk_logprobs"):
+            stored = np.asarray(sample[column], np.float16)
+            if codec == "compact":
+                assert_logq8_within_bound(got[column], stored)
+            else:
+                assert np.array_equal(bits(got[column]), bits(stored)), column
+        if sample["relation"] is None:
+            assert got["relation"] is None and got["relation_norm"] is None
+        elif codec == "compact":
+            assert_int8col_within_bound(got["relation"], np.asarray(sample["relation"], np.float16))
+        else:
+            assert np.array_equal(bits(got["relation"]), bits(sample["relation"]))
+        assert got["relation_norm"] == (None if sample["relation_norm"] is None
+                                        else float(np.float32(sample["relation_norm"])))
+
+
+def test_the_kept_version_1_cache_reads_back_unchanged_and_v1_still_writes_its_bytes(tmp_path):
+    kept = read_all(KEPT_V1)
+    assert json.loads((KEPT_V1 / schema.MANIFEST_NAME).read_text())["format_version"] == 1
+    assert verify_cache(KEPT_V1) == []
+    for got, sample in zip(kept, cs.samples(), strict=True):
+        for column in ("input_ids", "response_topk_ids", "visual_topk_ids"):
+            assert np.array_equal(got[column], sample[column])
+        for column in ("response_topk_logprobs", "visual_topk_logprobs", "relation"):
+            if sample[column] is not None:
+                assert np.array_equal(bits(got[column]), bits(sample[column])), column
+    write(tmp_path / "v1", "v1")
+    assert (tmp_path / "v1" / schema.MANIFEST_NAME).read_bytes() == (KEPT_V1 / schema.MANIFEST_NAME).read_bytes()
+    if pa.__version__ == KEPT_V1_PYARROW:        # another Arrow may lay out the same file differently
+        assert (tmp_path / "v1" / SHARD).read_bytes() == (KEPT_V1 / SHARD).read_bytes()
+
+
+def test_lossless_targets_give_the_v1_losses_and_compact_stays_within_its_bounds(tmp_path):
+    read = {codec: (write(tmp_path / codec, codec), read_all(tmp_path / codec))[1] for codec in ALL_CODECS}
+    student = torch.Generator().manual_seed(0)
+    for i, sample in enumerate(read["v1"]):
+        for role in ("response", "visual"):
+            ids_column, logprobs_column = schema.TOPK_COLUMNS[role]
+            logits = torch.randn(len(sample[ids_column]), cs.V, generator=student, dtype=torch.float64)
+            losses = {codec: sparse_kl(logits, torch.from_numpy(rows[i][ids_column]).long(),
+                                       torch.from_numpy(rows[i][logprobs_column].astype(np.float32)).double())
+                      for codec, rows in read.items()}
+            assert torch.allclose(losses["lossless"], losses["v1"], rtol=1e-6, atol=0)
+            kl = renormalised_kl(read["compact"][i][logprobs_column], sample[logprobs_column])
+            assert (kl <= compact_kl_bound(sample[logprobs_column])).all()
+        if sample["relation"] is not None:
+            student_relation = torch.randn(1, cs.L, cs.L, generator=student, dtype=torch.float64)
+            student_relation = student_relation @ student_relation.transpose(1, 2)
+            packed = {codec: torch.from_numpy(rows[i]["relation"].astype(np.float64))[None] for codec, rows in read.items()}
+            v1, lossless = relation_loss(student_relation, packed["v1"]), relation_loss(student_relation, packed["lossless"])
+            assert torch.allclose(lossless, v1, rtol=1e-6, atol=0)
+
+
+def compact_kl_bound(stored: np.ndarray) -> np.ndarray:
+    """Per row: a tilt of the distribution by log-ratios within [-a, a] moves it by KL <= (2a)^2 / 8; a is the
+    largest `logq8_bound` of the row (rows whose entries all lie within logq8's 15.875 nats of the largest)."""
+    x = stored.astype(np.float64)
+    x = x[np.isfinite(x).any(axis=1)]
+    finite = np.where(np.isfinite(x), x, np.nan)
+    top = np.nanmax(finite, axis=1)
+    a = np.nanmax(logq8_bound(finite, top[:, None]), axis=1)
+    inside = np.nanmin(finite, axis=1) >= top - codecs.LOGQ8_FLOOR_CODE * codecs.LOGQ8_STEP
+    return np.where(inside, a ** 2 / 2, np.inf)     # past the floor: bounded by probability instead (above)
+
+
+# --- corrupted payloads and manifests
+
+
+def rewrite_payload(cache: Path, column: str, sample_id: str, change) -> None:
+    """Rewrite the shard with `change(payload bytes)` for one sample's `column`, same schema and compression,
+    then recompute its sha256 in the manifest and reseal it: only decoding can catch what changed."""
+    path = cache / SHARD
+    with pa.OSFile(str(path), "rb") as source:
+        shard = pa.ipc.open_file(source)
+        batches = [shard.get_batch(b) for b in range(shard.num_record_batches)]
+        file_schema = shard.schema
+    rewritten = []
+    for batch in batches:
+        ids = batch.column(schema.SAMPLE_ID).to_pylist()
+        payloads = batch.column(column).to_pylist()
+        payloads = [change(p) if sample == sample_id else p for sample, p in zip(ids, payloads)]
+        arrays = [pa.array(payloads, pa.binary()) if name == column else batch.column(name) for name in schema.COLUMNS]
+        rewritten.append(pa.RecordBatch.from_arrays(arrays, schema=file_schema))
+    with pa.OSFile(str(path), "wb") as sink:
+        with pa.ipc.new_file(sink, file_schema, options=pa.ipc.IpcWriteOptions(compression=COMPRESSION)) as out:
+            for batch in rewritten:
+                out.write_batch(batch)
+    manifest = json.loads((cache / schema.MANIFEST_NAME).read_text())
+    data = path.read_bytes()
+    manifest["shards"][0].update(num_bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    writer.write_manifest(cache, manifest)
+
+
+def flip_sign_of_first_logprob(payload: bytes) -> bytes:     # delta16: the first entry's high byte plane
+    data = bytearray(payload)
+    data[len(data) // 2] ^= 0x80
+    return bytes(data)
+
+
+@pytest.mark.parametrize("codec, column, change, why", [
+    ("lossless", "visual_topk_ids", lambda p: p[:-1], "payload (shuffle32) holds"),
+    ("lossless", "response_topk_logprobs", lambda p: p + b"\0", "payload (delta16) holds"),
+    ("lossless", "relation", lambda p: p[:-2], "relation has 9 values, expected 10"),
+    ("compact", "relation", lambda p: np.array([np.inf], np.float32).tobytes() + p[4:], "payload (int8col) has scale inf"),
+    ("compact", "visual_topk_logprobs", lambda p: p[:-3], "payload (logq8) holds"),
+    # payloads that decode, to values the row checks refuse
+    ("lossless", "response_topk_logprobs", flip_sign_of_first_logprob, "NaN or values > 0"),
+    ("lossless", "response_topk_ids", lambda p: b"\0" * len(p), "repeats a token id"),
+    ("compact", "relation", lambda p: np.array([1e30], np.float32).tobytes() + p[4:], "NaN or infinite"),
+])
+def test_a_corrupted_payload_is_one_line_naming_shard_sample_and_column(tmp_path, codec, column, change, why):
+    cache = tmp_path / "cache"
+    write(cache, codec)
+    rewrite_payload(cache, column, "adv-01", change)
+    faults = verify_cache(cache)
+    assert len(faults) == 1 and "\n" not in faults[0], faults
+    assert SHARD in faults[0] and "'adv-01'" in faults[0] and column in faults[0] and why in faults[0], faults[0]
+    assert verify_cache(cache, quick=True) == []          # sha256 and schema are intact: only decoding sees it
+    reader = CacheReader(cache, verify=True)
+    with pytest.raises(CacheError, match="adv-01") as raised:
+        list(reader)
+    assert str(raised.value) == faults[0]
+
+
+def test_manifests_name_known_codecs_for_every_encoded_column_and_only_in_format_2(tmp_path):
+    manifest = write(tmp_path / "cache", "compact")
+    assert schema.manifest_faults(manifest, "c") == []
+    for change, message in [
+        (lambda m: m.pop("codecs"), "manifest 'codecs' must map exactly"),
+        (lambda m: m["codecs"].update(relation="zip"), "'relation' is 'zip', expected one of ['shuffle16', 'int8col']"),
+        (lambda m: m["codecs"].update(response_topk_ids="logq8"), "expected one of ['shuffle32']"),
+        (lambda m: m["codecs"].update(input_ids="shuffle32"), "must map exactly"),
+        (lambda m: m.update(format_version=1), "'codecs' is not part of format_version 1"),
+        (lambda m: m.update(codec="gzip"), "manifest 'codec' must be one of"),
+    ]:
+        broken = json.loads(json.dumps(manifest))
+        change(broken)
+        faults = schema.manifest_faults(broken, "c")
+        assert any(message in fault for fault in faults), (message, faults)
+    shutil.copytree(tmp_path / "cache", tmp_path / "no-codecs")
+    broken = json.loads((tmp_path / "no-codecs" / schema.MANIFEST_NAME).read_text())
+    broken["codecs"]["relation"] = "shuffle16"             # another codec of the same kind: the schema agrees
+    writer.write_manifest(tmp_path / "no-codecs", broken)
+    assert any("relation" in fault and "adv-00" in fault for fault in verify_cache(tmp_path / "no-codecs"))
+
+
+def test_a_partial_dump_resumes_only_with_its_codec(tmp_path):
+    cache = tmp_path / "cache"
+    with ShardWriter(cache, rank=0, k_response=cs.K_R, k_visual=cs.K_V, codec="compact") as shard_writer:
+        shard_writer.write(cs.samples()[0])
+    with pytest.raises(CacheError, match="written with --codec compact, not lossless"):
+        ShardWriter(cache, rank=1, k_response=cs.K_R, k_visual=cs.K_V, codec="lossless")
+    with ShardWriter(cache, rank=0, k_response=cs.K_R, k_visual=cs.K_V, codec="compact") as shard_writer:
+        shard_writer.write(cs.samples()[1])
+    write_rank_report(cache, 0, skipped=[])
+    assert finalize_cache(cache, dict(cs.MANIFEST))["codec"] == "compact"
+    assert len(read_all(cache)) == 2
+
+
+def test_dump_codec_is_a_literal_field(tmp_path):
+    from teacher_dump.config import DumpConfig
+
+    assert DumpConfig(teacher="t", data="d", out="o").codec == "lossless"
+    with pytest.raises(KdcacheError, match="codec"):
+        DumpConfig(teacher="t", data="d", out="o", codec="zip")
+
+
+def test_kdcache_dump_codecs_store_the_same_targets(tiny_teacher_dir, toy_dataset, tmp_path):
+    """The real dump with --codec v1 | lossless | compact: lossless reads back exactly what v1 stores (and the
+    v1 cache is format 1), compact within its bounds."""
+    from teacher_dump.config import DumpConfig
+    from teacher_dump.dump import dump
+
+    data, images = toy_dataset(count=3, text_only=1)
+    read = {}
+    for codec in ALL_CODECS:
+        cfg = DumpConfig(teacher=str(tiny_teacher_dir), data=str(data), images=str(images), out=str(tmp_path / codec),
+                         device="cpu", dtype="float32", progress=False, topk_response=6, topk_visual=4, codec=codec)
+        manifest = dump(cfg)
+        assert manifest["format_version"] == (1 if codec == "v1" else 2) and manifest.get("codec", "v1") == codec
+        read[codec] = {s["sample_id"]: s for s in read_all(tmp_path / codec)}
+    for sample_id, v1 in read["v1"].items():
+        lossless, compact = read["lossless"][sample_id], read["compact"][sample_id]
+        for column in schema.COLUMNS:
+            if isinstance(v1[column], np.ndarray):
+                assert np.array_equal(lossless[column].view(np.uint8), v1[column].view(np.uint8)), column
+            else:
+                assert lossless[column] == v1[column], column
+        for role in schema.ROLES:
+            ids_column, logprobs_column = schema.TOPK_COLUMNS[role]
+            assert np.array_equal(compact[ids_column], v1[ids_column])
+            assert_logq8_within_bound(compact[logprobs_column], v1[logprobs_column])
+        if v1["relation"] is not None:
+            assert_int8col_within_bound(compact["relation"], v1["relation"])
