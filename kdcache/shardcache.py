@@ -301,13 +301,14 @@ def _prefetch_loop(prefetcher: weakref.ref, stop: threading.Event, poll_s: float
         me = prefetcher()
         if me is None:
             return
+        wait = poll_s
         try:
             me._step()
         except Exception as e:                           # noqa: BLE001 - the reader will meet it and report it
             me.error = e
-            poll_s = max(poll_s, me.reader.remote_config.net_backoff * 4)
+            wait = max(poll_s, me.reader.remote_config.net_backoff * 4)
         del me
-        stop.wait(poll_s)
+        stop.wait(wait)
 
 
 def _epoch_order(sampler, epoch: int) -> np.ndarray:
