@@ -1,9 +1,12 @@
-"""Cache size and I/O at LLaVA-scale shapes: bytes per sample / token, write and read rates, loader rate.
+"""Cache size and I/O at LLaVA-scale shapes: bytes per sample / token by role and codec, write and read
+rates, fidelity of each codec, loader rate.
 
 Synthetic samples with the real shapes (vocabulary 151,936; 728 visual rows; ~200 response rows;
 k = 64 for both roles; the 728 x 728 relation; an embedded ~60 KB JPEG; ~980 tokens) and
-realistic value distributions (see `synthetic_sample`), written with `ShardWriter` (zstd 3) and
-read back three ways:
+realistic value distributions (see `Synth`), written with `ShardWriter` (zstd 3) once per codec
+(`v1`, `lossless`, `compact`: bytes per sample and per token by role, write and read rates, the
+relation's cosine to the exact one and the top-k KL of what is read back, see `measure_codec`) and,
+with `--codec` (default `lossless`, the dump's default), read back three ways:
 
 * `CacheReader.read_sample` alone (decompress, validate, copy out): `read_samples_per_s`;
 * `CacheDataset.__getitem__` (+ JPEG decode and SigLIP preprocessing at 384 px);
@@ -11,9 +14,11 @@ read back three ways:
 
 Write and read rates are per core: samples per process-CPU second of a single-threaded process
 (pyarrow threads off, as the reader uses them). The loader rate is wall-clock with its 2 worker
-processes on the machine's 2 cores. Last stdout line: one JSON object.
+processes on the machine's 2 cores. Last stdout line: one JSON object, its `codecs` key one entry per
+codec, and `relation_spectrum` the low-rank sizes as a function of the assumed spectral decay.
 
-    python benchmarks/bench_shards.py [--samples 128] [--batch-size 4] [--workers 2]
+    python benchmarks/bench_shards.py [--samples 128] [--batch-size 4] [--workers 2] [--codec lossless]
+                                      [--relation-decay 1.0]
 """
 
 from __future__ import annotations
@@ -28,12 +33,11 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-from kdcache import schema, writer  # noqa: E402
+from kdcache import codecs, schema, writer  # noqa: E402
 from kdcache.batches import CacheDataset, make_loader  # noqa: E402
 from kdcache.records import coerce_sample  # noqa: E402
 from kdcache.models import siglip_image_processor  # noqa: E402
@@ -44,6 +48,22 @@ GOAL_READ = 200.0
 V, K, L, R = 151936, 64, common.VISUAL_LEN, common.RESPONSE_TOKENS
 PREFIX, QUESTION = 31, 21
 IMAGE_TOKEN = 151646                     # Qwen1.5's added "<image>" position, any id outside the text works
+CODECS = ("v1", "lossless", "compact")
+GOAL_BYTES = {"lossless": 330e3, "compact": 150e3}     # per sample, image excluded (issue 10)
+GOAL_COSINE, GOAL_KL = 0.999, 1e-3
+ROLE_COLUMNS = {"response": schema.TOPK_COLUMNS["response"], "visual": schema.TOPK_COLUMNS["visual"],
+                "relation": (schema.RELATION, schema.RELATION_NORM), "image": (schema.IMAGE,),
+                "sequence": (schema.SAMPLE_ID, schema.INPUT_IDS, schema.RESPONSE_ROWS, schema.VISUAL_START,
+                             schema.VISUAL_LEN, schema.IMAGE_SHA256)}
+
+
+def cosine_modes(side: int) -> np.ndarray:
+    """(side², side²) orthonormal 2-D DCT-II modes of a side x side grid (columns), lowest spatial frequency first."""
+    n = np.arange(side)
+    basis = np.cos(np.pi * (n[:, None] + 0.5) * n[None, :] / side)                      # (position, frequency)
+    modes = np.einsum("xa,yb->xyab", basis, basis).reshape(side * side, side * side)
+    modes = modes[:, np.argsort((n[:, None] ** 2 + n[None, :] ** 2).reshape(-1), kind="stable")]
+    return modes / np.linalg.norm(modes, axis=0)
 
 
 class Synth:
@@ -55,16 +75,25 @@ class Synth:
       (mean 0.71) and Beta(2, 5) for visual rows (0.29); the other k - 1 fall off as r^-s,
       s ~ U(1, 2), and the tail mass outside the top-k is ~ U(0.005, 0.05) (response) or
       U(0.1, 0.5) (visual); stored as float16 like the dump does;
-    * the relation is `F Fᵀ / ||F Fᵀ||_F` for spatially smooth 27 x 27 patch features F (d = 32) on a
-      common offset (visual-logit Gram matrices are dominated by the mean logit vector), float16.
+    * the relation is full rank with an assumed spectrum (`relation`): `R = Y Yᵀ`, `Y = Q diag(√λ) G / √d`
+      with `Q` the 2-D cosine modes of the 27 x 27 patch grid ordered by spatial frequency (so the
+      strong components are spatially smooth, as patch features are), `G` a Gaussian (729 x 1024)
+      mixing matrix, and `λ_n ∝ n^-decay` (default 1: the ~1/n power law reported for trained
+      networks' representation spectra) for n >= 2, the constant mode (the mean logit vector that
+      dominates visual-logit Gram matrices) carrying half the trace. Stored `R / ||R||_F` in float16;
+      the exact float64 matrix is kept for the fidelity numbers. (Before issue 10 it was rank <= 32
+      by construction, which flatters a low-rank codec.)
     """
 
-    def __init__(self, seed: int = 0):
+    def __init__(self, seed: int = 0, decay: float = 1.0):
         self.rng = np.random.default_rng(seed)
+        self.decay = decay
+        self.modes = cosine_modes(int(np.sqrt(L + 1)))                 # (729, 729), lowest frequency first
         weights = (np.arange(V) + 10.0) ** -1.1
         self.cdf = np.cumsum(weights / weights.sum())
         self.vocab = self.rng.permutation(V).astype(np.int32)
         self.images = [common.make_image(seed * 100 + i) for i in range(8)]
+        self.exact: dict[str, dict] = {}          # sample id -> exact relation (L, L), top-k log-probs (float64)
 
     def token_ids(self, n: int) -> np.ndarray:
         return self.vocab[np.minimum(np.searchsorted(self.cdf, self.rng.random(n)), V - 1)]
@@ -85,19 +114,22 @@ class Synth:
         rest = decay / decay.sum(axis=1, keepdims=True) * np.clip(1.0 - p1 - tail_mass, 1e-3, None)
         probs = np.concatenate([np.maximum(p1, rest[:, :1]), rest], axis=1)
         probs = np.sort(probs, axis=1)[:, ::-1]
-        return ids, np.log(probs).astype(np.float16)
+        return ids, np.log(probs)                                    # float64: the writer stores float16
 
-    def relation(self) -> tuple[np.ndarray, float]:
-        side = int(np.sqrt(L + 1))                                   # 27
-        coarse = self.rng.normal(size=(7, 7, 32))
-        grid = torch.nn.functional.interpolate(torch.tensor(coarse, dtype=torch.float32).permute(2, 0, 1)[None],
-                                               size=(side, side), mode="bicubic", align_corners=True)[0]
-        features = grid.permute(1, 2, 0).reshape(-1, 32).numpy()[1:] + self.rng.normal(0, 0.3, (L, 32))
-        features = features + 3.0                                    # common offset
-        matrix = features @ features.T                               # (L, L)
-        norm = float(np.linalg.norm(matrix))
+    def exact_relation(self, decay: float | None = None, d: int = 1024) -> np.ndarray:
+        """(L, L) float64 `R / ||R||_F` with the assumed spectrum (class docstring)."""
+        n = len(self.modes)
+        lam = np.arange(1, n + 1, dtype=np.float64) ** -(self.decay if decay is None else decay)
+        lam[0] = lam[1:].sum()                                       # the constant mode: half the trace
+        features = (self.modes[1:] * np.sqrt(lam)) @ self.rng.standard_normal((n, d)) / np.sqrt(d)   # (L, d)
+        matrix = features @ features.T
+        return matrix / np.linalg.norm(matrix)
+
+    def relation(self) -> tuple[np.ndarray, float, np.ndarray]:
+        """(stored float16 triangle, norm, exact (L, L) float64)."""
+        exact = self.exact_relation()
         rows, cols = np.triu_indices(L)
-        return (matrix / norm)[rows, cols].astype(np.float16), norm
+        return exact[rows, cols].astype(np.float16), float(self.rng.uniform(1e3, 1e4)), exact
 
     def sample(self, index: int) -> dict:
         import hashlib
@@ -108,8 +140,9 @@ class Synth:
         T = len(input_ids)
         r_ids, r_lp = self.topk(response_len, (5, 2), (0.005, 0.05))
         v_ids, v_lp = self.topk(L, (2, 5), (0.1, 0.5))
-        relation, norm = self.relation()
+        relation, norm, exact = self.relation()
         image = self.images[index % len(self.images)]
+        self.exact[f"s{index:06d}"] = {"relation": exact, "response": r_lp, "visual": v_lp}
         return {
             "sample_id": f"s{index:06d}", "input_ids": input_ids,
             "response_rows": np.arange(T - response_len - 1, T - 1, dtype=np.int32),
@@ -119,14 +152,18 @@ class Synth:
         }
 
 
-def column_sizes(records: list[dict]) -> dict[str, tuple[float, float]]:
-    """Per column, mean raw and zstd-3 bytes per sample (Arrow IPC compresses each buffer alone)."""
+def column_sizes(records: list[dict], codec_name: str = "v1") -> dict[str, tuple[float, float]]:
+    """Per column, mean raw and zstd-3 bytes per sample (Arrow IPC compresses each buffer alone), each
+    encoded column as `codec_name` stores it."""
     codec = pa.Codec("zstd", 3)
+    column_codecs = schema.column_codecs(codec_name) or {}
     out = {}
     for name in schema.COLUMNS:
         raw = comp = 0
         for record in records:
             value = record[name]
+            if name in column_codecs and value is not None:
+                value = codecs.encode(column_codecs[name], value)
             data = (value.tobytes() if isinstance(value, np.ndarray) else value if isinstance(value, bytes)
                     else np.asarray(value).tobytes() if value is not None else b"")
             raw += len(data)
@@ -141,16 +178,18 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--codec", choices=CODECS, default="lossless", help="codec of the dataset/loader passes")
+    parser.add_argument("--relation-decay", type=float, default=1.0, help="assumed spectral decay of the relation")
     return parser.parse_args()
 
 
 # --- measurements (in main's order: write, read, dataset, loader)
 
 
-def measure_write(cache: Path, samples: list[dict]) -> tuple[dict, float, float]:
+def measure_write(cache: Path, samples: list[dict], codec: str = "v1") -> tuple[dict, float, float]:
     """ShardWriter over all samples + rank report + finalize_cache: (manifest, CPU s, wall s)."""
     def write():
-        with writer.ShardWriter(cache, rank=0, k_response=K, k_visual=K) as shard_writer:
+        with writer.ShardWriter(cache, rank=0, k_response=K, k_visual=K, codec=codec) as shard_writer:
             for sample in samples:
                 shard_writer.write(sample)
         writer.write_rank_report(cache, 0, skipped=[])
@@ -165,6 +204,77 @@ def read_samples(cache: Path, indices) -> None:
     reader = CacheReader(cache)
     for i in indices:
         reader.read_sample(i)
+
+
+def relation_cosine(stored: np.ndarray, exact: np.ndarray) -> float:
+    """Cosine of the full symmetric matrix of a stored triangle to the exact (L, L) one."""
+    full = np.zeros_like(exact)
+    rows, cols = np.triu_indices(len(exact))
+    full[rows, cols] = stored
+    full[cols, rows] = stored
+    return float((full * exact).sum() / (np.linalg.norm(full) * np.linalg.norm(exact)))
+
+
+def topk_kl(stored: np.ndarray, exact: np.ndarray) -> np.ndarray:
+    """(N,) KL(stored || exact) in nats per row, both renormalised over the row's k entries."""
+    q = np.exp(stored.astype(np.float64))
+    q /= q.sum(axis=1, keepdims=True)
+    log_p = exact - np.log(np.exp(exact).sum(axis=1, keepdims=True))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(q > 0, q * (np.log(q) - log_p), 0.0)
+    return terms.sum(axis=1)
+
+
+def measure_codec(root: Path, codec: str, samples: list[dict], synth: Synth) -> dict:
+    """One codec: write a cache of `samples`, read it in the sampler's order (timed), then compare every
+    sample read back with the exact values (relation cosine, top-k KL per row): a dict of results."""
+    cache = root / codec
+    manifest, write_cpu, _ = measure_write(cache, samples, codec)
+    order = list(ResumableSampler([e["num_samples"] for e in manifest["shards"]], seed=0))
+    read_samples(cache, range(4))
+    _, read_cpu, _ = common.measure(lambda: read_samples(cache, order))
+    reader, cosines, kls = CacheReader(cache), [], {"response": [], "visual": []}
+    for i in range(len(reader)):
+        got = reader.read_sample(i)
+        exact = synth.exact[got["sample_id"]]
+        cosines.append(relation_cosine(got["relation"].astype(np.float64), exact["relation"]))
+        for role in kls:
+            kls[role].append(topk_kl(got[schema.TOPK_COLUMNS[role][1]], exact[role]))
+    stats, n = manifest["stats"], len(samples)
+    kl_all = np.concatenate(kls["response"] + kls["visual"])
+    excl_image = (stats["num_bytes"] - stats["image_bytes"]) / n
+    return {"bytes_per_sample_excl_image": round(excl_image), "bytes_per_token": round(excl_image / (stats["tokens"] / n), 1),
+            "bytes_per_sample": round(stats["bytes_per_sample"]), "read_samples_per_s": round(n / read_cpu, 1),
+            "write_samples_per_s": round(n / write_cpu, 1), "relation_cosine_min": round(min(cosines), 7),
+            "kl_mean_nats": float(f"{kl_all.mean():.3g}"), "kl_max_nats": float(f"{kl_all.max():.3g}"),
+            "kl_mean_nats_by_role": {role: float(f"{np.concatenate(v).mean():.3g}") for role, v in kls.items()},
+            "format_version": manifest["format_version"]}
+
+
+def role_bytes(sizes: dict[str, tuple[float, float]]) -> dict[str, float]:
+    """Compressed bytes per sample by role (`ROLE_COLUMNS`) from `column_sizes`."""
+    return {role: round(sum(sizes[c][1] for c in columns)) for role, columns in ROLE_COLUMNS.items()}
+
+
+def relation_spectrum(synth: Synth, decays=(0.5, 1.0, 1.5), count: int = 3) -> dict:
+    """Per assumed decay: the rank a truncated eigendecomposition needs for cosine >= 0.999 (mean, max over
+    `count` relations), what a float16 factor Z (L x r) of that rank takes, and the stored relation's
+    compressed size under `shuffle16` (lossless) and `int8col` (compact)."""
+    zstd, rows, out = pa.Codec("zstd", 3), np.triu_indices(L), {}
+    for decay in decays:
+        ranks, lossless, compact = [], [], []
+        for _ in range(count):
+            exact = synth.exact_relation(decay)
+            energy = np.sort(np.linalg.eigvalsh(exact) ** 2)[::-1]
+            ranks.append(int(np.searchsorted(np.sqrt(np.cumsum(energy) / energy.sum()), GOAL_COSINE) + 1))
+            stored = exact[rows].astype(np.float16)
+            lossless.append(len(zstd.compress(codecs.encode(codecs.SHUFFLE16, stored), asbytes=True)))
+            compact.append(len(zstd.compress(codecs.encode(codecs.INT8COL, stored), asbytes=True)))
+        out[str(decay)] = {"rank_for_cosine_0.999_mean": round(float(np.mean(ranks)), 1),
+                           "rank_for_cosine_0.999_max": max(ranks),
+                           "lowrank_float16_kb": round(max(ranks) * L * 2 / 1e3, 1),
+                           "lossless_kb": round(np.mean(lossless) / 1e3, 1), "compact_kb": round(np.mean(compact) / 1e3, 1)}
+    return out
 
 
 def measure_reads(cache: Path, manifest: dict, num_samples: int) -> tuple[list[int], dict[str, tuple[float, float]]]:
@@ -232,6 +342,25 @@ def print_cache_table(args, stats: dict, synth: Synth, cpu: dict[str, float], lo
          [f"DataLoader incl. worker start ({loader['startup']:.2f} s)", f"{loader['total_rate']:,.2f} batches/s"]])
 
 
+def print_codec_tables(results: dict, roles: dict, spectrum: dict, decay: float) -> None:
+    rows = []
+    for codec, r in results.items():
+        goal = GOAL_BYTES.get(codec)
+        met = (r["read_samples_per_s"] >= GOAL_READ and (goal is None or r["bytes_per_sample_excl_image"] <= goal)
+               and (codec != "compact" or (r["relation_cosine_min"] >= GOAL_COSINE and r["kl_mean_nats"] <= GOAL_KL)))
+        rows.append([codec, f"{r['bytes_per_sample_excl_image'] / 1e3:,.1f}" + (f" (<= {goal / 1e3:.0f})" if goal else ""),
+                     f"{r['bytes_per_token']:,.0f}", *(f"{roles[codec][role] / 1e3:,.1f}" for role in ROLE_COLUMNS),
+                     f"{r['write_samples_per_s']:,.1f}", f"{r['read_samples_per_s']:,.1f}",
+                     f"{r['relation_cosine_min']:.6f}", f"{r['kl_mean_nats']:.2e}", "yes" if met else "no"])
+    common.print_table(f"Codecs (relation spectral decay {decay}): kB per sample excl. image, by role (zstd 3 per "
+                       "buffer), rates per core", ["codec", "kB/sample", "B/token", *(f"{r} kB" for r in ROLE_COLUMNS),
+                                                   "write/s", "read/s", "rel. cos min", "KL mean", "targets"], rows)
+    common.print_table("Relation: rank for cosine >= 0.999 and stored size, by assumed spectral decay n^-decay",
+                       ["decay", "rank mean / max", "low-rank Z fp16 kB", "lossless kB", "compact kB"],
+                       [[d, f"{v['rank_for_cosine_0.999_mean']} / {v['rank_for_cosine_0.999_max']}",
+                         v["lowrank_float16_kb"], v["lossless_kb"], v["compact_kb"]] for d, v in spectrum.items()])
+
+
 def result_json(args, info: dict, stats: dict, sizes: dict, timed: dict[str, tuple[float, float]],
                 loader: dict[str, float], started: float) -> dict:
     n, steady = args.samples, loader["steady"]
@@ -263,22 +392,29 @@ def main() -> None:
     pa.set_io_thread_count(1)
     started = time.perf_counter()
     info = common.machine()
-    synth = Synth()
+    synth = Synth(decay=args.relation_decay)
     samples = [synth.sample(i) for i in range(args.samples)]
 
     with tempfile.TemporaryDirectory(prefix="kdcache-bench-shards-") as tmp:
         cache = Path(tmp) / "cache"
-        manifest, write_cpu, write_wall = measure_write(cache, samples)
-        sizes = column_sizes([coerce_sample(s, k_response=K, k_visual=K) for s in samples[:16]])
+        manifest, write_cpu, write_wall = measure_write(cache, samples, args.codec)
+        coerced = [coerce_sample(s, k_response=K, k_visual=K) for s in samples[:16]]
+        sizes = column_sizes(coerced, args.codec)
         order, reads = measure_reads(cache, manifest, args.samples)
         dataset, ds_cpu, ds_wall = measure_dataset(cache, order)
         loader = measure_loader(dataset, args.batch_size, args.workers)
+        results = {codec: measure_codec(Path(tmp), codec, samples, synth) for codec in CODECS}
+    roles = {codec: role_bytes(column_sizes(coerced, codec)) for codec in CODECS}
+    spectrum = relation_spectrum(synth)
 
     stats = manifest["stats"]
     timed = {"write": (write_cpu, write_wall), **reads, "dataset": (ds_cpu, ds_wall)}   # (CPU s, wall s)
     print_column_table(sizes)
     print_cache_table(args, stats, synth, {k: c for k, (c, _) in timed.items()}, loader)
-    print(json.dumps(result_json(args, info, stats, sizes, timed, loader, started)))
+    print_codec_tables(results, roles, spectrum, args.relation_decay)
+    print(json.dumps({**result_json(args, info, stats, sizes, timed, loader, started), "codec": args.codec,
+                      "relation_decay": args.relation_decay, "codecs": results, "bytes_by_role": roles,
+                      "relation_spectrum": spectrum}))
 
 
 if __name__ == "__main__":

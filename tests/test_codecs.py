@@ -20,7 +20,7 @@ from kdcache.losses import relation_loss, sparse_kl
 from kdcache.reader import CacheReader, verify_cache
 from kdcache.writer import COMPRESSION, ShardWriter, finalize_cache, write_rank_report
 
-KEPT_V1 = Path(__file__).parent / "data" / "cache-v1"   # written by kdcache at 6a266a1 (before format 2)
+KEPT_V1 = Path(__file__).parent / "data" / "cache-v1"   # written by kdcache at 23efb16 (before format 2)
 KEPT_V1_PYARROW = "26.0.1"                              # the pyarrow that wrote it: same bytes expected
 SHARD = "shard-r000-00000.arrow"
 ALL_CODECS = ("v1", "lossless", "compact")
