@@ -275,21 +275,44 @@ def pull(url: str = typer.Argument(..., help="The cache URL (or directory) to co
     typer.echo(f"pulled {manifest['num_samples']} samples in {len(manifest['shards'])} shards into {directory}")
 
 
-@app.command(name="eval", epilog="Examples:\n\n  kdcache eval --model runs/dft/final --data eval.json --images imgs/")
+@app.command(name="eval", epilog="Examples:\n\n  kdcache eval --model runs/dft/final --data eval.json --images imgs/\n\n"
+                                   "  kdcache eval --model runs/dft/final --export lmms-eval\n\n"
+                                   "  kdcache eval --model runs/dft/final --export lmms-eval --tasks gqa,pope --out ev/")
 @clean_errors
 def evaluate(
-    model: str = typer.Option(..., help="Checkpoint directory (or preset/hub id)."),
-    data: str = typer.Option(..., help="LLaVA JSON/JSONL with reference answers."),
+    model: str = typer.Option(..., help="Checkpoint directory (or preset/hub id; --export: a directory)."),
+    data: Optional[str] = typer.Option(None, help="LLaVA JSON/JSONL with reference answers (required "
+                                                  "unless --export)."),
     images: Optional[str] = typer.Option(None, help="Image folder."),
     template: str = typer.Option("qwen2_base", metavar="<choice>",
                                  help=f"Conversation template.  [choices: {' | '.join(TEMPLATES)}]"),
     max_samples: Optional[int] = typer.Option(None, min=1, help="Evaluate only the first N samples."),
     max_new_tokens: int = typer.Option(8, min=1, help="Greedy tokens per answer."),
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
+    export: Optional[str] = typer.Option(None, metavar="<choice>", help="Evaluate nothing; write a ready-to-run "
+                                         "command and config for this external evaluator.  [choices: lmms-eval]"),
+    out: Optional[str] = typer.Option(None, help="With --export: the folder for its files.  "
+                                                 "[default: lmms-eval/ beside the checkpoint]"),
+    tasks: Optional[str] = typer.Option(None, help="With --export: comma-separated lmms-eval tasks.  "
+                                                   "[default: the LLaVA-KD paper's ten benchmarks]"),
 ):
-    """Greedy generation and exact-match accuracy per question type."""
+    """Greedy generation and exact-match accuracy per question type; or, with --export, an lmms-eval run."""
     import json
 
+    if export is not None:
+        given = [flag for flag, value in (("--data", data), ("--images", images), ("--max-samples", max_samples))
+                 if value is not None]
+        if given:
+            raise typer.BadParameter(f"{', '.join(given)}: --export writes an evaluator's run and evaluates nothing")
+        from kdcache.export import export as write_export
+
+        for path in write_export(export, model, out, tasks):
+            typer.echo(f"wrote {path}")
+        return
+    if out is not None or tasks is not None:
+        raise typer.BadParameter("--out and --tasks go with --export")
+    if data is None:
+        raise typer.BadParameter("missing --data (or --export)")
     configs.check_choice("template", template, TEMPLATES)
     from kdcache.evaluate import evaluate_checkpoint
 

@@ -1,7 +1,8 @@
 """Held-out evaluation: greedy generation per question turn, exact-match accuracy per question type.
 
 Every gpt turn of a sample is one question; its prompt is built with `templates.build_prompt` from
-the earlier turns (with their reference answers) and the question, exactly as training formats it.
+the earlier turns (with their reference answers) and the question, exactly as training formats it
+(and as the checkpoint's chat template renders it for external evaluators; `kdcache.export`).
 The question type is the gpt turn's "qtype" key when the dataset has one (the toy world does),
 else "all".
 """
@@ -16,6 +17,7 @@ from tqdm import tqdm
 
 from kdcache import models, samples, templates
 from kdcache.batches import pad_sequences
+from kdcache.errors import KdcacheError
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,13 @@ def accuracy_report(questions: list[Question], answers: list[str]) -> dict:
 def evaluate_bundle(bundle: models.Bundle, data: str | Path, images: str | Path | None, *, template: str,
                     max_samples: int | None = None, max_new_tokens: int = 8, batch_size: int = 32,
                     device: str | torch.device = "cpu", progress: bool = True) -> dict:
+    """Accuracy of `bundle` on the questions of `data`; refuses a model trained on template version 1
+    sequences, whose prompts this kdcache does not build (docs/decisions.md, template versions)."""
+    if bundle.template_version not in (None, templates.TEMPLATE_VERSION):
+        raise KdcacheError(f"{bundle.source} was trained on template version {bundle.template_version} sequences "
+                           f"(each segment tokenised on its own); kdcache eval builds version "
+                           f"{templates.TEMPLATE_VERSION} prompts, which it was not trained on: dump its caches "
+                           "again and retrain it with this kdcache")
     records = samples.load_records(data)[:max_samples]
     questions = questions_of(records, Path(images) if images else None, bundle, template)
     answers = generate_answers(bundle, questions, max_new_tokens=max_new_tokens, batch_size=batch_size,

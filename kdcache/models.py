@@ -29,11 +29,11 @@ from transformers.utils import is_torchvision_available
 from transformers.utils import logging as hf_logging
 
 import kdcache
-from kdcache import presets
+from kdcache import presets, templates
 from kdcache.config import DTypeName
 from kdcache.errors import KdcacheError
 from kdcache.files import write_json_atomic
-from kdcache.templates import IMAGE_TOKEN
+from kdcache.templates import IMAGE_TOKEN, TEMPLATES
 
 HISTORY_FILE = "kdcache.json"
 # Config keys that say where or with what a config was made, not what the model computes.
@@ -53,6 +53,8 @@ class Bundle:
     revision: str | None = None
     projector_trained: bool = False      # False for a freshly composed model, or a saved one never trained
     stages: list[str] = field(default_factory=list)   # training history, oldest first ("pt", "sft", ...)
+    template: str | None = None          # the template of the sequences its last stage trained on
+    template_version: int | None = None  # see templates.combine_versions; None: not pinned by its training
 
 
 # --- loading
@@ -98,7 +100,8 @@ def _load_pretrained(location: str, *, source: str, revision: str | None, dtype:
     history = _read_history(location, revision)
     return Bundle(model.eval(), tokenizer, image_processor, source=source, revision=revision,
                   projector_trained=bool(history.get("projector_trained", True)),
-                  stages=list(history.get("stages", [])))
+                  stages=list(history.get("stages", [])), template=history.get("template"),
+                  template_version=history.get("template_version"))
 
 
 def _read_history(location: str, revision: str | None) -> dict:
@@ -122,6 +125,12 @@ def _read_history(location: str, revision: str | None) -> dict:
         raise KdcacheError(f"cannot read {HISTORY_FILE} of {location}: {e}") from None
     if not isinstance(history, dict):
         raise KdcacheError(f"{HISTORY_FILE} of {location} must be a JSON object")
+    if history.get("template") not in (None, *TEMPLATES):
+        raise KdcacheError(f"{HISTORY_FILE} of {location}: unknown template {history['template']!r}")
+    version = history.get("template_version")
+    if version is not None and not (type(version) is int and 1 <= version <= templates.TEMPLATE_VERSION):
+        raise KdcacheError(f"{HISTORY_FILE} of {location}: template_version {version!r} is not one this kdcache "
+                           f"knows (1..{templates.TEMPLATE_VERSION})")
     return history
 
 
@@ -230,7 +239,9 @@ def save_bundle(bundle: Bundle, out_dir: str | Path, *, stages: list[str]) -> No
     """save_pretrained of model (safetensors), tokenizer, image processor and LLaVA processor, then kdcache.json.
 
     `stages` is the full training history of the saved weights, oldest first. Every stage trains
-    the projector, so a bundle saved with any stage is marked `projector_trained`.
+    the projector, so a bundle saved with any stage is marked `projector_trained`. The tokenizer and
+    the processor carry the chat template of `bundle.template` (`chat_template_of`; the tokenizer
+    object keeps it), and kdcache.json the template and its version.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -239,15 +250,41 @@ def save_bundle(bundle: Bundle, out_dir: str | Path, *, stages: list[str]) -> No
     state = {re.sub(r"^model\.vision_tower\.(?!vision_model\.)", "model.vision_tower.vision_model.", k): v
              for k, v in model.state_dict().items()}
     model.save_pretrained(out, state_dict=state)
+    bundle.tokenizer.chat_template = chat_template_of(bundle)
     bundle.tokenizer.save_pretrained(out)
     bundle.image_processor.save_pretrained(out)
     vision = model.config.vision_config
     LlavaProcessor(image_processor=bundle.image_processor, tokenizer=bundle.tokenizer,
                    patch_size=vision.patch_size, image_token=IMAGE_TOKEN, num_additional_image_tokens=0,
-                   vision_feature_select_strategy=model.config.vision_feature_select_strategy).save_pretrained(out)
+                   vision_feature_select_strategy=model.config.vision_feature_select_strategy,
+                   chat_template=bundle.tokenizer.chat_template).save_pretrained(out)
     history = {"kdcache_version": kdcache.__version__, "source": bundle.source,
-               "projector_trained": bool(bundle.projector_trained or stages), "stages": list(stages)}
+               "projector_trained": bool(bundle.projector_trained or stages), "stages": list(stages),
+               "template": bundle.template, "template_version": bundle.template_version}
     write_json_atomic(out / HISTORY_FILE, history)
+
+
+def chat_template_of(bundle: Bundle) -> str | None:
+    """The Jinja chat template a saved `bundle` carries: its last stage's template (``qwen2_base`` for a
+    model no stage has trained), whose rendering tokenised as one string gives its training ids.
+
+    None for a model trained on template version 1 sequences: no template reproduces those ids, and
+    one that does not would evaluate the model on prompts it was not trained on.
+    """
+    if bundle.template_version not in (None, templates.TEMPLATE_VERSION):
+        return None
+    return templates.chat_template(bundle.template or "qwen2_base")
+
+
+def note_stage_template(bundle: Bundle, template: str | None, version: int, *, source: str) -> None:
+    """Record on `bundle` that its next stage trains on `source`'s `template` sequences of template `version`.
+
+    Refuses (KdcacheError) a model trained on one version's ``qwen2_base`` sequences meeting another's
+    (`templates.combine_versions`); `save_bundle` then writes the template and version.
+    """
+    bundle.template_version = templates.combine_versions(bundle.template_version, template, version,
+                                                         model=f"model {bundle.source}", source=source)
+    bundle.template = template
 
 
 # --- describing

@@ -334,6 +334,7 @@ _MANIFEST_FIELDS = {
     "image_processor": (lambda v: isinstance(v, dict), "an object"),
     "template": (_text, "a string"),
     "codec": (lambda v: isinstance(v, str) and v in codecs.PRESETS, f"one of {sorted(codecs.PRESETS)}"),   # format 2: the dump's --codec
+    "template_version": (_positive_int, "a positive int"),      # absent: 1 (caches dumped before it)
     "kdcache_version": (_text, "a string"),
     "created": (_text, "a string"),
     "skipped": (_list_of(_object(sample_id=_text, reason=_text)), "a list of {sample_id, reason} strings"),

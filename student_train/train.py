@@ -18,6 +18,7 @@ around the whole job).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from contextlib import nullcontext
 from pathlib import Path
@@ -26,7 +27,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from kdcache import compat, distributed, lock, losses, models, samples, targets
+from kdcache import compat, distributed, lock, losses, models, samples, targets, templates
 from kdcache.batches import CacheDataset, JsonDataset, StatefulLoader
 from kdcache.errors import KdcacheError
 from kdcache.reader import CacheReader
@@ -216,11 +217,14 @@ def build_dataset(cfg: TrainConfig, bundle: models.Bundle):
         reader = CacheReader(cfg.cache, for_training=True, remote=cfg)    # reads the manifest, no shard yet
         compat.check_student_matches_cache(reader.manifest, bundle, cfg.cache)
         reader.verify_shards()        # local shards hashed now; a cache URL's as each arrives (kdcache/shardcache.py)
+        models.note_stage_template(bundle, reader.manifest.get("template"),
+                                   templates.cache_template_version(reader.manifest), source=f"cache {cfg.cache}")
         if cfg.distills and cfg.gamma > 0 and not reader.manifest.get("relation", True):
             raise KdcacheError(f"cache {cfg.cache} was dumped with --no-relation; pass --gamma 0 to train without RDist")
         dataset = CacheDataset(reader, bundle.image_processor, images=cfg.images, with_targets=cfg.distills,
                                image_limits=samples.image_limits(cfg), dataset=cfg.cache_dataset)
         return dataset, reader.manifest["temperature"]
+    models.note_stage_template(bundle, cfg.template, templates.TEMPLATE_VERSION, source=f"dataset {cfg.data}")
     dataset = JsonDataset(cfg.data, cfg.images, bundle.tokenizer, bundle.image_processor,
                           template=cfg.template, image_token_id=bundle.model.config.image_token_id,
                           visual_len=models.visual_len_of(bundle.model.config), max_length=cfg.max_length,
@@ -454,9 +458,10 @@ def save_final(run_dir: Path, cfg: TrainConfig, bundle: models.Bundle, model, *,
     full_state = checkpoint.full_state_dict(model) if sharded else None       # collective: every rank
     if not is_main:
         return None
-    if sharded:
-        bundle = models.load_bundle(cfg.student, trust_remote_code=cfg.trust_remote_code)
-        bundle.model.load_state_dict(full_state)
+    if sharded:                 # a fresh unsharded copy of the weights; the rest (template included) is the run's
+        fresh = models.load_bundle(cfg.student, trust_remote_code=cfg.trust_remote_code)
+        fresh.model.load_state_dict(full_state)
+        bundle = dataclasses.replace(bundle, model=fresh.model)
     final = run_dir / "final"
     models.save_bundle(bundle, final, stages=[*bundle.stages, cfg.stage])
     plot_metrics(run_dir / "metrics.jsonl", run_dir / "loss.png", title=f"{cfg.stage}: {cfg.student}")

@@ -47,8 +47,8 @@ from kdcache.writer import ShardWriter, completed_sample_ids, finalize_cache, wr
 from teacher_dump.config import DumpConfig
 
 # What a resumed dump must match: the manifest fields that decide the cache's content.
-RUN_KEYS = ("teacher", "tokenizer", "visual_len", "template", "max_length", "topk", "temperature",
-            "relation", "images_embedded", "dataset")
+RUN_KEYS = ("teacher", "tokenizer", "visual_len", "template", "template_version", "max_length", "topk",
+            "temperature", "relation", "images_embedded", "dataset")
 
 # How far the background stages reach (docs/design.md §9): batches prepared ahead of the teacher, batches of
 # targets waiting for the writer, and threads reading and decoding images (each up to 2 samples ahead).
@@ -278,6 +278,8 @@ def run_description(cfg: DumpConfig, bundle: models.Bundle, teacher: Teacher, wo
         "visual_len": teacher.visual_len,
         "image_processor": json.loads(teacher.image_processor.to_json_string()),
         "template": cfg.template,
+        "template_version": templates.dump_template_version(bundle.template_version, cfg.template,
+                                                            teacher=bundle.source),
         "max_length": cfg.max_length,
         "topk": {"response": cfg.topk_response, "visual": cfg.topk_visual},
         "temperature": {"response": cfg.temperature_response, "visual": cfg.temperature_visual},
