@@ -28,6 +28,8 @@ from kdcache.cli import app
 from kdcache.errors import CacheError, KdcacheError
 from kdcache.reader import CacheReader, verify_cache
 from kdcache.remote import RemoteConfig, parse_storage_options, redacted
+from kdcache.sampler import ResumableSampler
+from kdcache.shardcache import Prefetcher
 from kdcache.transfer import pull_cache, push_cache
 from student_train.config import TrainConfig
 from student_train.train import train
@@ -463,3 +465,23 @@ def test_a_server_killed_mid_training_is_one_line_and_the_resumed_run_equals_an_
     for a, b in zip(expected, got):                # CPU, one thread: bit-identical
         for key in ("loss", "ce", "kl_response", "kl_visual", "relation", "lr", "samples_seen"):
             assert a[key] == b[key], (a["step"], key, a[key], b[key])
+
+
+def test_the_prefetcher_follows_this_ranks_sampler_order_from_where_the_loader_is(world, http_dir, tmp_path):
+    server, root = http_dir
+    shutil.copytree(world["cache"], root / "kd")
+    reader = CacheReader(f"{server.url}/kd", remote=remote_config(tmp_path))
+    sampler = ResumableSampler([e["num_samples"] for e in reader.shards], seed=5, rank=1, world_size=2, batch_size=2)
+    prefetcher = Prefetcher(reader, sampler, depth=3)              # not started: its choice only
+
+    def next_shards(order: list[int]) -> list[int]:
+        shards = [reader.locate(i)[0] for i in order]
+        return list(dict.fromkeys(shards))[:3]
+
+    assert prefetcher.upcoming() == next_shards(list(sampler))
+    sampler.advance(10)                                            # the loader handed out 10 samples (all ranks)
+    assert prefetcher.upcoming() == next_shards(list(sampler))
+    sampler.advance(sampler.epoch_samples - 10 - 2)                # into the epoch's last step: then the next epoch
+    following = ResumableSampler(sampler.shard_sizes, seed=5, rank=1, world_size=2, batch_size=2)
+    following.set_epoch(1)
+    assert prefetcher.upcoming() == next_shards(list(sampler) + list(following))
