@@ -24,6 +24,9 @@ KEPT_V1 = Path(__file__).parent / "data" / "cache-v1"   # written by kdcache at 
 KEPT_V1_PYARROW = "26.0.1"                              # the pyarrow that wrote it: same bytes expected
 SHARD = "shard-r000-00000.arrow"
 ALL_CODECS = ("v1", "lossless", "compact")
+# compact's documented bounds (docs/design.md §4), written out here rather than read from kdcache.codecs
+LOGQ8_HALF_STEP = 1 / 32          # nats, within LOGQ8_RANGE of the row's largest log-prob
+LOGQ8_RANGE = 15.875              # nats below it: further down, the value decodes to largest - LOGQ8_RANGE
 
 
 def write(cache: Path, codec: str, samples=None) -> dict:
@@ -48,7 +51,7 @@ def bits(values) -> np.ndarray:
 def logq8_bound(stored: np.ndarray, row_max: np.ndarray) -> np.ndarray:
     """Worst case |decoded - stored| of an entry within 254 steps of its row's largest: half a step plus
     the float16 rounding of the decoded value (half its spacing, <= 2^-11 |x|) and of the row's largest."""
-    return codecs.LOGQ8_STEP / 2 + (np.abs(stored) + np.abs(row_max)) * 2.0 ** -11
+    return LOGQ8_HALF_STEP + (np.abs(stored) + np.abs(row_max)) * 2.0 ** -11
 
 
 def assert_logq8_within_bound(decoded: np.ndarray, stored: np.ndarray) -> None:
@@ -56,12 +59,12 @@ def assert_logq8_within_bound(decoded: np.ndarray, stored: np.ndarray) -> None:
     assert np.array_equal(np.isneginf(x), np.isneginf(y))
     finite = np.isfinite(x)
     top = np.broadcast_to(np.max(np.where(finite, x, -1e9), axis=1, initial=-1e9)[:, None], x.shape)
-    floor = top - codecs.LOGQ8_FLOOR_CODE * codecs.LOGQ8_STEP
-    near = finite & (x >= floor - codecs.LOGQ8_STEP / 2)
+    floor = top - LOGQ8_RANGE
+    near = finite & (x >= floor - LOGQ8_HALF_STEP)
     assert (np.abs(y[near] - x[near]) <= logq8_bound(x[near], top[near])).all()
     far = finite & ~near                            # stored at the floor: a probability error < e^-15.875 p_max
     assert (np.abs(y[far] - floor[far]) <= logq8_bound(floor[far], top[far])).all()
-    assert (np.abs(np.exp(y[far]) - np.exp(x[far])) <= np.exp(floor[far] + codecs.LOGQ8_STEP)).all()
+    assert (np.abs(np.exp(y[far]) - np.exp(x[far])) <= np.exp(floor[far] + 2 * LOGQ8_HALF_STEP)).all()
 
 
 def assert_int8col_within_bound(decoded: np.ndarray, stored: np.ndarray) -> None:
@@ -203,7 +206,7 @@ def compact_kl_bound(stored: np.ndarray) -> np.ndarray:
     finite = np.where(np.isfinite(x), x, np.nan)
     top = np.nanmax(finite, axis=1)
     a = np.nanmax(logq8_bound(finite, top[:, None]), axis=1)
-    inside = np.nanmin(finite, axis=1) >= top - codecs.LOGQ8_FLOOR_CODE * codecs.LOGQ8_STEP
+    inside = np.nanmin(finite, axis=1) >= top - LOGQ8_RANGE
     return np.where(inside, a ** 2 / 2, np.inf)     # past the floor: bounded by probability instead (above)
 
 
