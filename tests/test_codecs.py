@@ -339,3 +339,18 @@ def test_kdcache_dump_codecs_store_the_same_targets(tiny_teacher_dir, toy_datase
             assert_logq8_within_bound(compact[logprobs_column], v1[logprobs_column])
         if v1["relation"] is not None:
             assert_int8col_within_bound(compact["relation"], v1["relation"])
+
+
+def test_a_format_2_cache_is_pulled_whole_and_cut_like_any_other(tmp_path):
+    from kdcache.transfer import pull_cache
+
+    source = write(tmp_path / "cache", "compact")
+    whole = pull_cache(str(tmp_path / "cache"), tmp_path / "whole")
+    part = pull_cache(str(tmp_path / "cache"), tmp_path / "part", samples=4)
+    assert whole == source and part["codecs"] == source["codecs"] and part["format_version"] == 2
+    for pulled, count in ((tmp_path / "whole", 9), (tmp_path / "part", 4)):
+        assert verify_cache(pulled) == []
+        rows = read_all(pulled)
+        assert len(rows) == count
+        for got, want in zip(rows, read_all(tmp_path / "cache")):
+            assert np.array_equal(bits(got["visual_topk_logprobs"]), bits(want["visual_topk_logprobs"]))
