@@ -218,6 +218,9 @@ def deadline():
     signal.signal(signal.SIGALRM, previous)
 
 
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
 def dump_threads() -> list[str]:
     return [t.name for t in threading.enumerate() if t.name.startswith("kdcache-")]
 
@@ -238,9 +241,11 @@ def serial_dump(teacher, records, cfg, writer) -> list[dict]:
             skipped.append({"sample_id": e.sample_id, "reason": e.reason})
     for batch in dump_module.batched(good, cfg.batch_size):
         inputs = dump_module.model_inputs(batch, teacher)
+        pixels = inputs["pixel_values"]
         with torch.inference_mode():
-            hidden = models.final_hidden_states(teacher.model, inputs["input_ids"], inputs["attention_mask"],
-                                                inputs["pixel_values"])
+            hidden = models.final_hidden_states(teacher.model, inputs["input_ids"].to(teacher.device),
+                                                inputs["attention_mask"].to(teacher.device),
+                                                None if pixels is None else pixels.to(teacher.device, teacher.dtype))
             rows = {"response": [hidden[b, p.sequence.response_rows] for b, p in enumerate(batch)],
                     "visual": [hidden[b, p.sequence.visual_start: p.sequence.visual_start + p.sequence.visual_len]
                                for b, p in enumerate(batch)]}
@@ -256,20 +261,26 @@ def serial_dump(teacher, records, cfg, writer) -> list[dict]:
                 if p.sequence.visual_len:
                     packed, sample["relation_norm"] = targets.normalized_relation(
                         targets.relation_from_hidden(rows["visual"][b], teacher.gram))
-                    sample["relation"] = packed.numpy()
+                    sample["relation"] = packed.cpu().numpy()
                 for role, (ids, logprobs) in per_role.items():
-                    start = sum(r.shape[0] for r in rows[role][:b])
-                    sample[f"{role}_topk_ids"] = ids[start: start + rows[role][b].shape[0]].to(torch.int32).numpy()
-                    sample[f"{role}_topk_logprobs"] = logprobs[start: start + rows[role][b].shape[0]].half().numpy()
+                    start, n = sum(r.shape[0] for r in rows[role][:b]), rows[role][b].shape[0]
+                    sample[f"{role}_topk_ids"] = ids[start: start + n].to(torch.int32).cpu().numpy()
+                    sample[f"{role}_topk_logprobs"] = logprobs[start: start + n].half().cpu().numpy()
                 writer.write(sample)
     return skipped
 
 
-def test_the_overlapped_dump_writes_the_bytes_of_a_serial_dump(tiny_teacher_dir, toy_dataset, tmp_path, deadline):
+@pytest.mark.parametrize("device, dtype", [
+    ("cpu", torch.float32),
+    pytest.param("cuda", torch.float32, marks=CUDA),     # pinned inputs, non-blocking copies both ways
+    pytest.param("cuda", torch.bfloat16, marks=CUDA),    # and the tensor-core LM head
+])
+def test_the_overlapped_dump_writes_the_bytes_of_a_serial_dump(device, dtype, tiny_teacher_dir, toy_dataset, tmp_path,
+                                                               deadline):
     data, images = toy_dataset(count=11, text_only=2)
     (images / "img-004.png").write_bytes(b"not a png")                       # skipped, in the middle of a batch
-    bundle = models.load_bundle(str(tiny_teacher_dir))
-    teacher = dump_module.Teacher.from_bundle(bundle, device=torch.device("cpu"), dtype=torch.float32, relation=True)
+    bundle = models.load_bundle(str(tiny_teacher_dir), dtype=dtype)
+    teacher = dump_module.Teacher.from_bundle(bundle, device=torch.device(device), dtype=dtype, relation=True)
     records = samples.load_records(data)
     shards = {}
     for name, loop in (("overlapped", dump_module.dump_records), ("serial", serial_dump)):
