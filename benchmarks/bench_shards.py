@@ -243,7 +243,8 @@ def measure_codec(root: Path, codec: str, samples: list[dict], synth: Synth) -> 
     stats, n = manifest["stats"], len(samples)
     kl_all = np.concatenate(kls["response"] + kls["visual"])
     excl_image = (stats["num_bytes"] - stats["image_bytes"]) / n
-    return {"bytes_per_sample_excl_image": round(excl_image), "bytes_per_token": round(excl_image / (stats["tokens"] / n), 1),
+    return {"bytes_per_sample_excl_image": round(excl_image),
+            "bytes_per_token": round(excl_image / (stats["tokens"] / n), 1),
             "bytes_per_sample": round(stats["bytes_per_sample"]), "read_samples_per_s": round(n / read_cpu, 1),
             "write_samples_per_s": round(n / write_cpu, 1), "relation_cosine_min": round(min(cosines), 7),
             "kl_mean_nats": float(f"{kl_all.mean():.3g}"), "kl_max_nats": float(f"{kl_all.max():.3g}"),
@@ -273,7 +274,8 @@ def relation_spectrum(synth: Synth, decays=(0.5, 1.0, 1.5), count: int = 3) -> d
         out[str(decay)] = {"rank_for_cosine_0.999_mean": round(float(np.mean(ranks)), 1),
                            "rank_for_cosine_0.999_max": max(ranks),
                            "lowrank_float16_kb": round(max(ranks) * L * 2 / 1e3, 1),
-                           "lossless_kb": round(np.mean(lossless) / 1e3, 1), "compact_kb": round(np.mean(compact) / 1e3, 1)}
+                           "lossless_kb": round(np.mean(lossless) / 1e3, 1),
+                           "compact_kb": round(np.mean(compact) / 1e3, 1)}
     return out
 
 
@@ -348,7 +350,8 @@ def print_codec_tables(results: dict, roles: dict, spectrum: dict, decay: float)
         goal = GOAL_BYTES.get(codec)
         met = (r["read_samples_per_s"] >= GOAL_READ and (goal is None or r["bytes_per_sample_excl_image"] <= goal)
                and (codec != "compact" or (r["relation_cosine_min"] >= GOAL_COSINE and r["kl_mean_nats"] <= GOAL_KL)))
-        rows.append([codec, f"{r['bytes_per_sample_excl_image'] / 1e3:,.1f}" + (f" (<= {goal / 1e3:.0f})" if goal else ""),
+        size = f"{r['bytes_per_sample_excl_image'] / 1e3:,.1f}" + (f" (<= {goal / 1e3:.0f})" if goal else "")
+        rows.append([codec, size,
                      f"{r['bytes_per_token']:,.0f}", *(f"{roles[codec][role] / 1e3:,.1f}" for role in ROLE_COLUMNS),
                      f"{r['write_samples_per_s']:,.1f}", f"{r['read_samples_per_s']:,.1f}",
                      f"{r['relation_cosine_min']:.6f}", f"{r['kl_mean_nats']:.2e}", "yes" if met else "no"])

@@ -1,8 +1,9 @@
 """Arrow record batches of the shard schema -> checked flat numpy arrays: the read side of the cache.
 
 `DecodedBatch` turns a record batch read from an untrusted shard into flat numpy arrays once (format
-2's encoded columns decoded by their manifest-named codecs, `kdcache.codecs`) and checks every row against the format and the manifest's `RowLimits` (this module is the only place
-rows read back are checked); `DecodedBatch.sample(row)` slices one sample out of them. No
+2's encoded columns decoded by their manifest-named codecs, `kdcache.codecs`) and checks every row
+against the format and the manifest's `RowLimits` (this module is the only place rows read back are
+checked); `DecodedBatch.sample(row)` slices one sample out of them. No
 per-element Python. The write side (`coerce_sample`, `record_batch`) is `kdcache.records`.
 """
 
@@ -17,9 +18,9 @@ import pyarrow as pa
 
 from kdcache import codecs
 from kdcache.errors import CacheError, one_line
-from kdcache.schema import (COLUMNS, ENCODED, IMAGE, IMAGE_SHA256, INPUT_IDS, NULLABLE, RAGGED, RELATION, RELATION_NORM,
-                            RESPONSE_ROWS, ROLES, SAMPLE_ID, TOPK, TOPK_COLUMNS, VISUAL_LEN, VISUAL_START,
-                            relation_size)
+from kdcache.schema import (COLUMNS, ENCODED, IMAGE, IMAGE_SHA256, INPUT_IDS, NULLABLE, RAGGED, RELATION,
+                            RELATION_NORM, RESPONSE_ROWS, ROLES, SAMPLE_ID, TOPK, TOPK_COLUMNS, VISUAL_LEN,
+                            VISUAL_START, relation_size)
 
 
 ARROW_MESSAGE_CHARS = 300     # Arrow's messages about a corrupt buffer can run long: cut them in errors

@@ -16,8 +16,9 @@ import pyarrow as pa
 
 from kdcache import codecs
 from kdcache.errors import SampleError
-from kdcache.schema import (COLUMNS, ENCODED, IMAGE, IMAGE_SHA256, INPUT_IDS, INT32_MAX, RAGGED, RELATION, RELATION_NORM,
-                            RESPONSE_ROWS, SAMPLE_ID, TOPK, TOPK_COLUMNS, VISUAL_LEN, VISUAL_START, relation_size)
+from kdcache.schema import (COLUMNS, ENCODED, IMAGE, IMAGE_SHA256, INPUT_IDS, INT32_MAX, RAGGED, RELATION,
+                            RELATION_NORM, RESPONSE_ROWS, SAMPLE_ID, TOPK, TOPK_COLUMNS, VISUAL_LEN, VISUAL_START,
+                            relation_size)
 
 
 def coerce_sample(sample: dict, *, k_response: int, k_visual: int) -> dict:

@@ -333,7 +333,8 @@ _MANIFEST_FIELDS = {
                         max_samples=_optional(_count)), "an object (source, images, fingerprint: strings)"),
     "image_processor": (lambda v: isinstance(v, dict), "an object"),
     "template": (_text, "a string"),
-    "codec": (lambda v: isinstance(v, str) and v in codecs.PRESETS, f"one of {sorted(codecs.PRESETS)}"),   # format 2: the dump's --codec
+    # format 2: the dump's --codec (`codecs`, the column codecs, is checked by `_codec_faults`)
+    "codec": (lambda v: isinstance(v, str) and v in codecs.PRESETS, f"one of {sorted(codecs.PRESETS)}"),
     "template_version": (_positive_int, "a positive int"),      # absent: 1 (caches dumped before it)
     "kdcache_version": (_text, "a string"),
     "created": (_text, "a string"),

@@ -30,7 +30,8 @@ class DumpConfig:
     embed_images: bool = field(default=True, metadata={"help": "Embed image bytes in the cache."})
     codec: CodecName = field(default="lossless", metadata={
         "help": "Shard encoding: lossless (format 2, bit-exact values, smaller), compact (format 2, quantised "
-                "log-probs and relation, smallest; error bounds in docs/design.md) or v1 (format 1, for older readers)."})
+                "log-probs and relation, smallest; error bounds in docs/design.md) or v1 (format 1, for older "
+                "readers)."})
     batch_size: int = field(default=8, metadata={"help": "Samples per teacher forward.", "ge": 1})
     max_samples: int | None = field(default=None, metadata={"help": "Dump only the first N samples.", "ge": 1})
     max_length: int = field(default=2048, metadata={"help": "Longest sequence allowed, in tokens.", "ge": 1})

@@ -105,7 +105,8 @@ def test_topk_codecs_round_trip_every_special_value(codec, rows):
 @pytest.mark.parametrize("L", [1, 2, 7, 40])
 def test_relation_codecs_round_trip(codec, L):
     rng = np.random.default_rng(L)
-    values = (rng.normal(size=L * (L + 1) // 2) * rng.choice([1e-6, 1.0, 100.0], size=L * (L + 1) // 2)).astype(np.float16)
+    m = L * (L + 1) // 2
+    values = (rng.normal(size=m) * rng.choice([1e-6, 1.0, 100.0], size=m)).astype(np.float16)
     values[0] = -0.0
     decoded = codecs.decode(codec, np.frombuffer(codecs.encode(codec, values), np.uint8))
     assert decoded.dtype == np.float16 and decoded.shape == values.shape
@@ -193,8 +194,9 @@ def test_lossless_targets_give_the_v1_losses_and_compact_stays_within_its_bounds
         if sample["relation"] is not None:
             student_relation = torch.randn(1, cs.L, cs.L, generator=student, dtype=torch.float64)
             student_relation = student_relation @ student_relation.transpose(1, 2)
-            packed = {codec: torch.from_numpy(rows[i]["relation"].astype(np.float64))[None] for codec, rows in read.items()}
-            v1, lossless = relation_loss(student_relation, packed["v1"]), relation_loss(student_relation, packed["lossless"])
+            teacher = {codec: torch.from_numpy(read[codec][i]["relation"].astype(np.float64))[None]
+                       for codec in ("v1", "lossless")}
+            v1, lossless = (relation_loss(student_relation, teacher[codec]) for codec in ("v1", "lossless"))
             assert torch.allclose(lossless, v1, rtol=1e-6, atol=0)
 
 
@@ -248,7 +250,8 @@ def flip_sign_of_first_logprob(payload: bytes) -> bytes:     # delta16: the firs
     ("lossless", "visual_topk_ids", lambda p: p[:-1], "payload (shuffle32) holds"),
     ("lossless", "response_topk_logprobs", lambda p: p + b"\0", "payload (delta16) holds"),
     ("lossless", "relation", lambda p: p[:-2], "relation has 9 values, expected 10"),
-    ("compact", "relation", lambda p: np.array([np.inf], np.float32).tobytes() + p[4:], "payload (int8col) has scale inf"),
+    ("compact", "relation", lambda p: np.array([np.inf], np.float32).tobytes() + p[4:],
+     "payload (int8col) has scale inf"),
     ("compact", "visual_topk_logprobs", lambda p: p[:-3], "payload (logq8) holds"),
     # payloads that decode, to values the row checks refuse
     ("lossless", "response_topk_logprobs", flip_sign_of_first_logprob, "NaN or values > 0"),
