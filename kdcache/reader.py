@@ -536,7 +536,7 @@ def describe_cache(cache, *, remote: RemoteConfig | None = None) -> str:
         f"tokenizer       {tokenizer.get('fingerprint', '?')} ({m.get('tokenizer_size', '?')} tokens, teacher "
         f"head {m.get('vocab_size', '?')} rows, image token {m.get('image_token_id', '?')}, "
         f"visual_len {m.get('visual_len', '?')})",
-        f"template        {m.get('template', '?')}",
+        f"template        {m.get('template', '?')} (version {m.get('template_version', 1)})",
         f"dataset         {dataset.get('source', '?')} ({dataset.get('fingerprint', '?')})",
     ]
     for role in schema.ROLES:

@@ -60,6 +60,7 @@ def test_dump_reads_a_yaml_config_and_flags_override_it(tiny_teacher_dir, toy_da
 
     inspect = CliRunner().invoke(app, ["inspect", str(tmp_path / "cache")])
     assert inspect.exit_code == 0 and "tail mass" in inspect.output
+    assert f"template        {manifest['template']} (version {manifest['template_version']})" in inspect.output
     verify = CliRunner().invoke(app, ["verify", str(tmp_path / "cache")])
     assert verify.exit_code == 0 and "ok" in verify.output
 
