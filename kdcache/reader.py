@@ -549,6 +549,7 @@ def describe_cache(cache, *, remote: RemoteConfig | None = None) -> str:
         f"relation        {stats.get('samples_with_relation', '?')} samples; "
         f"images {stats.get('samples_with_image', '?')} samples ({_human_bytes(stats.get('image_bytes'))} embedded)",
     ]
+    lines += _codec_lines(m, stats) + _fidelity_lines(m.get("fidelity"))
     skipped = m.get("skipped") or []
     lines.append(f"skipped         {len(skipped)} samples")
     lines += [f"  {s.get('sample_id')}: {s.get('reason')}" for s in skipped[:10]]
@@ -557,8 +558,39 @@ def describe_cache(cache, *, remote: RemoteConfig | None = None) -> str:
     return "\n".join(lines)
 
 
-def _number(value) -> str:
-    return "n/a" if value is None else f"{value:.4f}"
+def _codec_lines(m: dict, stats: dict) -> list[str]:
+    """`describe_cache`'s codec (format 2's `codec` and column `codecs`; format 1: v1) and encoded bytes per role."""
+    column_codecs = schema.manifest_codecs(m)
+    lines = [f"codec           {m.get('codec', 'v1')}" + ("" if column_codecs is None else " (" + ", ".join(
+        f"{column} {name}" for column, name in sorted(column_codecs.items())) + ")")]
+    by_role = stats.get("encoded_bytes")
+    if by_role:
+        samples = m["num_samples"] or 1
+        lines.append("bytes by role   " + ", ".join(f"{role} {_human_bytes(n)} ({_human_bytes(n / samples)}/sample)"
+                                                    for role, n in by_role.items())
+                     + " (encoded, before zstd)")
+    return lines
+
+
+def _fidelity_lines(fidelity: dict | None) -> list[str]:
+    """`describe_cache`'s fidelity report (`kdcache dump --fidelity-sample`), when the manifest has one."""
+    if not fidelity:
+        return []
+    relation = fidelity["relation"]
+    return [f"fidelity        {fidelity['num_samples']} samples, codec {fidelity['codec']}: loss KL of the teacher "
+            "itself (nats per row)",
+            *[f"  {role:<14}mean {_sci(fidelity[role]['kl_mean_nats'])}, max {_sci(fidelity[role]['kl_max_nats'])} "
+              f"over {fidelity[role]['rows']} rows" for role in schema.ROLES],
+            f"  {'relation':<14}cosine to exact min {_number(relation['cosine_min'], 7)}, mean "
+            f"{_number(relation['cosine_mean'], 7)} over {relation['samples']} samples"]
+
+
+def _sci(value) -> str:
+    return "n/a" if value is None else f"{value:.3g}"
+
+
+def _number(value, digits: int = 4) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
 
 
 def _human_bytes(n) -> str:

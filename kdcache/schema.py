@@ -51,6 +51,10 @@ ROLES = ("response", "visual")
 # role -> (ids column, logprobs column); each has one (K,) entry per row of that role
 TOPK_COLUMNS = {"response": (RESPONSE_TOPK_IDS, RESPONSE_TOPK_LOGPROBS),
                 "visual": (VISUAL_TOPK_IDS, VISUAL_TOPK_LOGPROBS)}
+# `stats.encoded_bytes` in the manifest: role -> the columns whose encoded bytes it counts (every column once)
+BYTE_ROLES = {"response_topk": TOPK_COLUMNS["response"], "visual_topk": TOPK_COLUMNS["visual"],
+              "relation": (RELATION, RELATION_NORM), "image": (IMAGE,),
+              "other": (SAMPLE_ID, INPUT_IDS, RESPONSE_ROWS, VISUAL_START, VISUAL_LEN, IMAGE_SHA256)}
 RAGGED = (INPUT_IDS, RESPONSE_ROWS, RELATION)                      # list<primitive>
 TOPK = tuple(c for pair in TOPK_COLUMNS.values() for c in pair)    # list<fixed_size_list<primitive, K>>
 
@@ -306,7 +310,19 @@ def _list_of(test):
     return lambda value: isinstance(value, list) and all(test(item) for item in value)
 
 
+def _complete(**keys):
+    """A JSON object with every listed key, each passing its test (other keys are free)."""
+    return lambda value: isinstance(value, dict) and all(k in value and test(value[k]) for k, test in keys.items())
+
+
 _STATS_NUMBER = _optional(lambda v: _number(v) and v >= 0)
+_KL = _optional(_number)                 # nats; a float32 KL of ~0 may round a hair below 0
+_COSINE = _optional(lambda v: _number(v) and -1 - 1e-6 <= v <= 1 + 1e-6)
+_FIDELITY_ROLE = _complete(kl_mean_nats=_KL, kl_max_nats=_KL, rows=_count)
+# `kdcache dump --fidelity-sample N` (kdcache.fidelity): absent when not measured
+_FIDELITY = _complete(num_samples=_count, codec=lambda v: v in codecs.CODEC_NAMES, response=_FIDELITY_ROLE,
+                      visual=_FIDELITY_ROLE, relation=_complete(cosine_min=_COSINE, cosine_mean=_COSINE,
+                                                                samples=_count))
 
 # key -> (test, what it must be): every manifest key a reader, trainer or `kdcache inspect` uses
 _MANIFEST_FIELDS = {
@@ -343,6 +359,11 @@ _MANIFEST_FIELDS = {
                       tokens=_STATS_NUMBER, samples_with_image=_STATS_NUMBER, samples_with_relation=_STATS_NUMBER,
                       image_bytes=_STATS_NUMBER,
                       rows=_object(response=_STATS_NUMBER, visual=_STATS_NUMBER),
-                      mean_tail_mass=_object(response=_STATS_NUMBER, visual=_STATS_NUMBER)),
-              "an object of non-negative numbers"),
+                      mean_tail_mass=_object(response=_STATS_NUMBER, visual=_STATS_NUMBER),
+                      encoded_bytes=_complete(**{role: _count for role in BYTE_ROLES})),
+              "an object of non-negative numbers (encoded_bytes: a non-negative int per role of "
+              f"{list(BYTE_ROLES)})"),
+    "fidelity": (_FIDELITY, "an object {num_samples, codec, response and visual: {kl_mean_nats, kl_max_nats: "
+                            "finite numbers or null, rows}, relation: {cosine_min, cosine_mean: in [-1, 1] or null, "
+                            "samples}}"),
 }

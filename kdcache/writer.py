@@ -147,7 +147,9 @@ class _OpenShard:
         self.stats: dict = {}
 
     def write(self, records: list[dict]) -> None:
-        self.writer.write_batch(record_batch(records, self.schema, self.column_codecs))
+        batch = record_batch(records, self.schema, self.column_codecs)
+        self.writer.write_batch(batch)
+        self.stats = add_stats(self.stats, {"encoded_bytes": role_bytes(batch)})
         for record in records:
             self.sample_ids.append(record[schema.SAMPLE_ID])
             self.stats = add_stats(self.stats, sample_stats(record))
@@ -234,14 +236,16 @@ def completed_sample_ids(cache_dir) -> set[str]:
     return {sample_id for _, _, sidecar in finished_parts(cache_dir) for sample_id in sidecar["sample_ids"]}
 
 
-def write_rank_report(cache_dir, rank: int, *, skipped: list[dict]) -> None:
-    """Record that `rank` finished, with the samples it skipped ([{"sample_id", "reason"}])."""
+def write_rank_report(cache_dir, rank: int, *, skipped: list[dict], fidelity: dict | None = None) -> None:
+    """Record that `rank` finished, with the samples it skipped ([{"sample_id", "reason"}]) and, with
+    `kdcache dump --fidelity-sample`, its fidelity sums (`kdcache.fidelity.Fidelity.sums`)."""
     for entry in skipped:
         if not (isinstance(entry, dict) and isinstance(entry.get("sample_id"), str)
                 and isinstance(entry.get("reason"), str)):
             raise ValueError(f"skipped entries must be {{'sample_id': str, 'reason': str}}, got {entry!r}")
     entries = [{"sample_id": e["sample_id"], "reason": e["reason"]} for e in skipped]
-    write_json_atomic(Path(cache_dir) / schema.PARTS_DIR / _report_name(rank), {"rank": rank, "skipped": entries})
+    report = {"rank": rank, "skipped": entries, **({} if fidelity is None else {"fidelity": fidelity})}
+    write_json_atomic(Path(cache_dir) / schema.PARTS_DIR / _report_name(rank), report)
 
 
 def _report_name(rank: int) -> str:
@@ -286,9 +290,13 @@ def finalize_cache(cache_dir, manifest: dict) -> dict:
         "topk": _merged_topk(cache_dir, manifest, parts),
         "num_samples": len(where),
         "shards": shards,
-        "skipped": [entry for rank in sorted(reports) for entry in reports[rank]],
-        "stats": summary_stats(stats, num_samples=len(where), num_bytes=sum(s["num_bytes"] for s in shards)),
+        "skipped": [entry for rank in sorted(reports) for entry in reports[rank]["skipped"]],
+        "stats": summary_stats(stats, num_samples=len(where), num_bytes=sum(s["num_bytes"] for s in shards),
+                               by_role=column_codecs is not None),
     }
+    measured = merged_fidelity([reports[rank].get("fidelity") for rank in sorted(reports)])
+    if measured is not None:
+        merged["fidelity"] = measured
     schema.check_manifest(merged, str(cache_dir))
     write_manifest(cache_dir, merged)
     shutil.rmtree(cache_dir / schema.PARTS_DIR, ignore_errors=True)
@@ -307,11 +315,11 @@ def write_manifest(cache_dir, manifest: dict) -> str:
     return "sha256:" + digest
 
 
-def _rank_reports(cache_dir: Path, parts: list, world_size) -> dict[int, list[dict]]:
+def _rank_reports(cache_dir: Path, parts: list, world_size) -> dict[int, dict]:
     reports = {}
     for path in (cache_dir / schema.PARTS_DIR).glob("rank-*.json"):
         report = json.loads(path.read_text())
-        reports[int(report["rank"])] = report["skipped"]
+        reports[int(report["rank"])] = report
     expected = range(world_size) if isinstance(world_size, int) else sorted({rank for rank, _, _ in parts})
     missing = [rank for rank in expected if rank not in reports]
     if missing:
@@ -344,8 +352,10 @@ def add_stats(total: dict, more: dict) -> dict:
     return out
 
 
-def summary_stats(sums: dict, *, num_samples: int, num_bytes: int) -> dict:
-    """Manifest statistics from summed sidecar statistics; means are None where nothing was counted."""
+def summary_stats(sums: dict, *, num_samples: int, num_bytes: int, by_role: bool = True) -> dict:
+    """Manifest statistics from summed sidecar statistics; means are None where nothing was counted.
+    `by_role` False (format 1) leaves out `encoded_bytes`: `--codec v1` writes the manifest of before, byte
+    for byte."""
     rows = {role: sums.get("rows", {}).get(role, 0) for role in schema.ROLES}
     tail = sums.get("tail_mass_sum", {})
     tokens = sums.get("tokens", 0)
@@ -359,4 +369,30 @@ def summary_stats(sums: dict, *, num_samples: int, num_bytes: int) -> dict:
         "samples_with_image": sums.get("samples_with_image", 0),
         "samples_with_relation": sums.get("samples_with_relation", 0),
         "image_bytes": sums.get("image_bytes", 0),
+        **({"encoded_bytes": {role: sums.get("encoded_bytes", {}).get(role, 0) for role in schema.BYTE_ROLES}}
+           if by_role else {}),
     }
+
+
+def role_bytes(batch: pa.RecordBatch) -> dict[str, int]:
+    """A record batch's Arrow column bytes as written (encoded, before the shard's zstd) by `schema.BYTE_ROLES`."""
+    return {role: sum(batch.column(name).nbytes for name in columns) for role, columns in schema.BYTE_ROLES.items()}
+
+
+def merged_fidelity(reports: list[dict]) -> dict | None:
+    """The manifest's `fidelity` from every rank's `Fidelity.sums` (None when no rank measured anything)."""
+    reports = [r for r in reports if r]
+    if not reports:
+        return None
+    out = {"num_samples": sum(r["num_samples"] for r in reports), "codec": reports[0]["codec"]}
+    for role in schema.ROLES:
+        rows = sum(r["roles"][role]["rows"] for r in reports)
+        maxima = [r["roles"][role]["kl_max"] for r in reports if r["roles"][role]["kl_max"] is not None]
+        out[role] = {"kl_mean_nats": sum(r["roles"][role]["kl_sum"] for r in reports) / rows if rows else None,
+                     "kl_max_nats": max(maxima) if maxima else None, "rows": rows}
+    count = sum(r["relation"]["samples"] for r in reports)
+    minima = [r["relation"]["cosine_min"] for r in reports if r["relation"]["cosine_min"] is not None]
+    out["relation"] = {"cosine_min": min(minima) if minima else None,
+                       "cosine_mean": sum(r["relation"]["cosine_sum"] for r in reports) / count if count else None,
+                       "samples": count}
+    return out

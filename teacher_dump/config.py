@@ -32,6 +32,10 @@ class DumpConfig:
         "help": "Shard encoding: lossless (format 2, bit-exact values, smaller), compact (format 2, quantised "
                 "log-probs and relation, smallest; error bounds in docs/design.md) or v1 (format 1, for older "
                 "readers)."})
+    fidelity_sample: int = field(default=0, metadata={
+        "help": "Measure the cache's fidelity on the first N samples dumped (per role, the loss's KL of a student "
+                "equal to the teacher against its full distribution, after the codec; the relation's cosine to "
+                "the exact one) into the manifest; 0: off.", "ge": 0})
     batch_size: int = field(default=8, metadata={"help": "Samples per teacher forward.", "ge": 1})
     max_samples: int | None = field(default=None, metadata={"help": "Dump only the first N samples.", "ge": 1})
     max_length: int = field(default=2048, metadata={"help": "Longest sequence allowed, in tokens.", "ge": 1})

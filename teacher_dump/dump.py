@@ -42,6 +42,7 @@ import kdcache
 from kdcache import distributed, lock, models, pipeline, samples, schema, targets, templates
 from kdcache.batches import pad_sequences
 from kdcache.errors import KdcacheError, SampleError, one_line
+from kdcache.fidelity import Fidelity
 from kdcache.files import write_json_atomic
 from kdcache.writer import ShardWriter, completed_sample_ids, finalize_cache, write_rank_report
 from teacher_dump.config import DumpConfig
@@ -143,11 +144,13 @@ def run_dump(cfg: DumpConfig, topo, out: Path) -> dict | None:
 
     # --- dump
     desc = f"dump {out.name}" + (f" rank 0/{topo.world_size}" if topo.world_size > 1 else "")
+    fidelity = Fidelity(cfg.fidelity_sample, cfg.codec) if cfg.fidelity_sample else None
     with open_writer(cfg, topo.rank) as writer:
-        skipped = dump_records(teacher, records, cfg, writer, progress=cfg.progress and topo.is_main, desc=desc)
+        skipped = dump_records(teacher, records, cfg, writer, progress=cfg.progress and topo.is_main, desc=desc,
+                               fidelity=fidelity)
 
     # --- finalize: every rank reports, then rank 0 writes the manifest, last
-    write_rank_report(out, topo.rank, skipped=skipped)
+    write_rank_report(out, topo.rank, skipped=skipped, fidelity=None if fidelity is None else fidelity.sums())
     distributed.barrier()
     manifest = lock.on_main_rank(lambda: finalize(out, run, cfg, len(dataset), skipped), is_main=topo.is_main)
     distributed.barrier()
@@ -156,7 +159,8 @@ def run_dump(cfg: DumpConfig, topo, out: Path) -> dict | None:
 
 
 def dump_records(teacher: Teacher, records: list[samples.Record], cfg: DumpConfig, writer: ShardWriter, *,
-                 progress: bool | None = None, desc: str = "dump", timings: dict | None = None) -> list[dict]:
+                 progress: bool | None = None, desc: str = "dump", timings: dict | None = None,
+                 fidelity: Fidelity | None = None) -> list[dict]:
     """Teacher targets of `records`, `cfg.batch_size` samples per forward, written to `writer`.
 
     Preparation runs ahead in a background thread (`prepared_batches`), the writing behind in another
@@ -168,6 +172,7 @@ def dump_records(teacher: Teacher, records: list[samples.Record], cfg: DumpConfi
     Returns the skipped samples `[{"sample_id", "reason"}]`: a bad sample raises SampleError naming
     it, or with `cfg.skip_bad` is recorded and skipped. `progress` defaults to `cfg.progress`.
     `timings`, when given, receives each stage's `pipeline.StageTimes` (busy and waiting seconds).
+    `fidelity`, when given, measures the first samples in it (`kdcache dump --fidelity-sample`).
     """
     skipped: list[dict] = []
     bar = tqdm(total=len(records), unit="sample", desc=desc,
@@ -178,7 +183,7 @@ def dump_records(teacher: Teacher, records: list[samples.Record], cfg: DumpConfi
                              depth=WRITE_BEHIND_BATCHES, name="kdcache-write")
     teacher_times = pipeline.StageTimes()
     try:
-        run_teacher(batches, shards, teacher, cfg, bar, skipped, teacher_times)
+        run_teacher(batches, shards, teacher, cfg, bar, skipped, teacher_times, fidelity)
         shards.finish()
     except Exception as error:
         batches.close()
@@ -198,13 +203,13 @@ def dump_records(teacher: Teacher, records: list[samples.Record], cfg: DumpConfi
 
 
 def run_teacher(batches, shards: pipeline.Behind, teacher: Teacher, cfg: DumpConfig, bar, skipped: list[dict],
-                times: pipeline.StageTimes) -> None:
+                times: pipeline.StageTimes, fidelity: Fidelity | None = None) -> None:
     """The teacher stage: each prepared batch through `teacher_targets`, handed to the writer; the progress bar."""
     counted, tokens, started = 0, 0, time.perf_counter()
     for batch in batches:
         with times.busy():
             try:
-                batch_targets = teacher_targets(batch, teacher, cfg)
+                batch_targets = teacher_targets(batch, teacher, cfg, fidelity)
             except (KdcacheError, OSError):
                 raise
             except Exception as e:              # a torch/CUDA failure: name the batch's samples
@@ -432,9 +437,10 @@ def batch_inputs(batch: list[Prepared], teacher: Teacher) -> dict:
 
 
 @torch.inference_mode()
-def teacher_targets(batch: PreparedBatch, teacher: Teacher, cfg: DumpConfig) -> BatchTargets:
+def teacher_targets(batch: PreparedBatch, teacher: Teacher, cfg: DumpConfig,
+                    fidelity: Fidelity | None = None) -> BatchTargets:
     """One teacher forward over a padded batch, its top-k per role and relations, copied to the host (non-blocking
-    on CUDA: `BatchTargets.ready` marks their arrival)."""
+    on CUDA: `BatchTargets.ready` marks their arrival); with `fidelity`, its leading samples measured into it."""
     inputs = batch.inputs
 
     def to_device(t):
@@ -448,9 +454,12 @@ def teacher_targets(batch: PreparedBatch, teacher: Teacher, cfg: DumpConfig) -> 
     topk = {"response": batch_topk(response, teacher.lm_head, cfg.topk_response, cfg.temperature_response,
                                    cfg.chunk_rows),
             "visual": batch_topk(visual, teacher.lm_head, cfg.topk_visual, cfg.temperature_visual, cfg.chunk_rows)}
-    relations = [targets.normalized_relation_on_device(targets.relation_from_hidden(visual[b], teacher.gram))
-                 if teacher.gram is not None and p.sequence.visual_len > 0 else None
-                 for b, p in enumerate(batch.samples)]
+    exact = [targets.relation_from_hidden(visual[b], teacher.gram)
+             if teacher.gram is not None and p.sequence.visual_len > 0 else None
+             for b, p in enumerate(batch.samples)]                                               # (L_b, L_b)
+    relations = [None if r is None else targets.normalized_relation_on_device(r) for r in exact]
+    if fidelity is not None:
+        measure_fidelity(fidelity, teacher, cfg, {"response": response, "visual": visual}, topk, relations, exact)
     host = [to_host(topk), to_host(relations)]
     ready = None
     if teacher.device.type == "cuda":
@@ -458,6 +467,25 @@ def teacher_targets(batch: PreparedBatch, teacher: Teacher, cfg: DumpConfig) -> 
         ready.record()
     counts = {"response": [r.shape[0] for r in response], "visual": [v.shape[0] for v in visual]}
     return BatchTargets(batch.samples, host[0], counts, host[1], ready)
+
+
+def measure_fidelity(fidelity: Fidelity, teacher: Teacher, cfg: DumpConfig, rows: dict, topk: dict,
+                     relations: list, exact: list) -> None:
+    """The batch's leading samples, up to the report's N, into `fidelity` (`kdcache.fidelity`): per role their
+    rows' hidden states and stored top-k, and their relations against the exact ones."""
+    count = fidelity.wanted(len(relations))
+    if count == 0:
+        return
+    temperatures = {"response": cfg.temperature_response, "visual": cfg.temperature_visual}
+    for role, per_sample in rows.items():
+        n = sum(r.shape[0] for r in per_sample[:count])
+        ids, logprobs = topk[role]
+        fidelity.add_rows(role, torch.cat(per_sample[:count]), teacher.lm_head, ids[:n], logprobs[:n],
+                          temperature=temperatures[role], chunk_rows=cfg.chunk_rows)
+    for b in range(count):
+        if relations[b] is not None:
+            fidelity.add_relation(relations[b][0], exact[b])
+    fidelity.seen += count
 
 
 def batch_topk(rows: list[torch.Tensor], weight: torch.Tensor, k: int, temperature: float, chunk_rows: int):
