@@ -16,7 +16,7 @@ from transformers import LlavaForConditionalGeneration
 from kdcache import models, samples, schema
 from kdcache.errors import CacheError
 from kdcache.reader import CacheReader, describe_cache
-from kdcache.writer import write_manifest
+from kdcache.writer import merged_fidelity, write_manifest
 from teacher_dump.config import DumpConfig
 from teacher_dump.dump import dump
 
@@ -200,3 +200,26 @@ def test_inspect_shows_codec_bytes_per_role_and_fidelity(measured_cache):
         line = next(line for line in text.splitlines() if line.startswith(f"  {role:<14}mean "))
         assert f"mean {fidelity[role]['kl_mean_nats']:.3g}" in line and f"{fidelity[role]['rows']} rows" in line
     assert f"min {fidelity['relation']['cosine_min']:.7f}" in text
+
+
+def test_ranks_reports_merge_into_the_pooled_numbers():
+    """Two ranks' sums (as `Fidelity.sums` writes them) give the mean, max and min over all their rows and samples."""
+    kls = {0: {"response": [0.1, 0.3], "visual": []}, 1: {"response": [0.5], "visual": [0.2, 0.4, 0.9]}}
+    cosines = {0: [0.99, 0.97], 1: []}
+
+    def sums(rank):
+        roles = {role: {"kl_sum": sum(v), "kl_max": max(v) if v else None, "rows": len(v)}
+                 for role, v in kls[rank].items()}
+        c = cosines[rank]
+        return {"num_samples": 2, "codec": "compact", "roles": roles,
+                "relation": {"cosine_sum": sum(c), "cosine_min": min(c) if c else None, "samples": len(c)}}
+
+    merged = merged_fidelity([sums(0), None, sums(1)])
+    assert merged["num_samples"] == 4 and merged["codec"] == "compact"
+    assert merged["response"] == {"kl_mean_nats": pytest.approx(0.3), "kl_max_nats": 0.5, "rows": 3}
+    assert merged["visual"] == {"kl_mean_nats": pytest.approx(0.5), "kl_max_nats": 0.9, "rows": 3}
+    assert merged["relation"] == {"cosine_min": 0.97, "cosine_mean": pytest.approx(0.98), "samples": 2}
+    assert merged_fidelity([None]) is None
+    schema.check_manifest({"format": "kdcache", "format_version": 2, "topk": {"response": 1, "visual": 1},
+                           "num_samples": 0, "shards": [], "codec": "compact",
+                           "codecs": schema.column_codecs("compact"), "fidelity": merged}, "merged")
