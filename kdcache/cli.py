@@ -202,7 +202,7 @@ app.command(
 def inspect_cache(cache: str = typer.Argument(..., help="Cache directory or fsspec URL."), *, remote: RemoteConfig):
     """Summarise a cache from its manifest: identity, teacher, tokenizer, samples, bytes, tail mass per role,
     skipped samples."""
-    from kdcache.reader import describe_cache
+    from kdcache.audit import describe_cache
 
     typer.echo(describe_cache(cache, remote=remote))
 
@@ -217,7 +217,8 @@ def verify(cache: str = typer.Argument(..., help="Cache directory or fsspec URL.
     """Check the manifest (against its seal manifest.sha256 and --expect-manifest), checksums, schema, sample
     ids, counts, path safety and (unless --quick) every row, as training would read it; print one line per
     fault and exit non-zero on any. A cache URL's shards are checked in the local shard cache."""
-    from kdcache.reader import manifest_identity, verify_cache
+    from kdcache.reader import manifest_identity
+    from kdcache.audit import verify_cache
 
     faults = verify_cache(cache, quick=quick, remote=remote)
     for fault in faults:

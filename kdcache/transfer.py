@@ -24,7 +24,8 @@ from tqdm import tqdm
 from kdcache import lock, schema
 from kdcache.errors import CacheError, KdcacheError
 from kdcache.files import sha256_file, write_json_atomic
-from kdcache.reader import CacheLocation, CacheReader, check_identity, identity_of, read_manifest, verify_cache
+from kdcache.reader import CacheLocation, CacheReader, check_identity, identity_of, read_manifest
+from kdcache.audit import verify_cache
 from kdcache.remote import Remote, RemoteConfig, RemoteMissing
 from kdcache.shardcache import download_verified
 from kdcache.writer import COMPRESSION, write_manifest

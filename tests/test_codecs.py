@@ -17,7 +17,8 @@ import codec_samples as cs
 from kdcache import codecs, schema, writer
 from kdcache.errors import CacheError, KdcacheError
 from kdcache.losses import relation_loss, sparse_kl
-from kdcache.reader import CacheReader, verify_cache
+from kdcache.reader import CacheReader
+from kdcache.audit import verify_cache
 from kdcache.writer import COMPRESSION, ShardWriter, finalize_cache, write_rank_report
 
 KEPT_V1 = Path(__file__).parent / "data" / "cache-v1"   # written by kdcache at 23efb16 (before format 2)

@@ -23,7 +23,8 @@ from transformers import LlavaForConditionalGeneration
 from kdcache import models, samples, targets
 from kdcache import writer as writer_module
 from kdcache.errors import KdcacheError, SampleError
-from kdcache.reader import CacheReader, verify_cache
+from kdcache.reader import CacheReader
+from kdcache.audit import verify_cache
 from kdcache.writer import completed_sample_ids
 from teacher_dump import dump as dump_module
 from teacher_dump.config import DumpConfig

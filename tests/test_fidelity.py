@@ -15,7 +15,8 @@ from transformers import LlavaForConditionalGeneration
 
 from kdcache import models, samples, schema
 from kdcache.errors import CacheError
-from kdcache.reader import CacheReader, describe_cache
+from kdcache.reader import CacheReader
+from kdcache.audit import describe_cache
 from kdcache.writer import merged_fidelity, write_manifest
 from teacher_dump.config import DumpConfig
 from teacher_dump.dump import dump

@@ -28,7 +28,8 @@ from kdcache.cli import app
 from kdcache.encoding import DecodedBatch
 from kdcache.records import record_batch
 from kdcache.errors import CacheError
-from kdcache.reader import CacheReader, verify_cache
+from kdcache.reader import CacheReader
+from kdcache.audit import verify_cache
 from kdcache.writer import COMPRESSION, ShardWriter, finalize_cache, write_rank_report
 
 K_R, K_V = 4, 3

@@ -24,7 +24,8 @@ from safetensors.torch import load_file
 from kdcache import losses
 from kdcache.errors import KdcacheError
 from kdcache.lock import LOCK_NAME, DirLock
-from kdcache.reader import CacheReader, verify_cache
+from kdcache.reader import CacheReader
+from kdcache.audit import verify_cache
 from student_train import checkpoint
 from student_train.config import TrainConfig
 from student_train.train import train

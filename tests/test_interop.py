@@ -19,7 +19,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlavaForConditionalGe
 from conftest import TINY_PADDING, TINY_VISION, TINY_VISUAL_LEN, TRAINED, write_toy_dataset
 from kdcache import compat, models, presets
 from kdcache.errors import CacheError, KdcacheError
-from kdcache.reader import CacheReader, verify_cache
+from kdcache.reader import CacheReader
+from kdcache.audit import verify_cache
 from kdcache.toy import models as toy_models
 from student_train.config import TrainConfig
 from student_train.train import train

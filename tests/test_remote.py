@@ -26,7 +26,8 @@ from typer.testing import CliRunner
 from kdcache import models
 from kdcache.cli import app
 from kdcache.errors import CacheError, KdcacheError
-from kdcache.reader import CacheReader, verify_cache
+from kdcache.reader import CacheReader
+from kdcache.audit import verify_cache
 from kdcache.remote import RemoteConfig, parse_storage_options, redacted
 from kdcache.sampler import ResumableSampler
 from kdcache.shardcache import Prefetcher

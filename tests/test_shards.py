@@ -15,7 +15,8 @@ from kdcache import schema
 from kdcache.encoding import DecodedBatch
 from kdcache.records import coerce_sample, record_batch
 from kdcache.errors import CacheError, SampleError
-from kdcache.reader import CacheReader, describe_cache, verify_cache
+from kdcache.reader import CacheReader
+from kdcache.audit import describe_cache, verify_cache
 from kdcache.writer import ShardWriter, completed_sample_ids, finalize_cache, write_rank_report
 
 K_R, K_V = 8, 4
