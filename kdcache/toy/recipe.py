@@ -162,20 +162,19 @@ def environment() -> dict:
     import transformers
 
     return {"torch": torch.__version__, "transformers": transformers.__version__, "tokenizers": tokenizers.__version__,
-            "python": platform.python_version(), "machine": platform.machine(), "cpu": _cpu_model(),
+            "python": platform.python_version(), "machine": platform.machine(), "cpu": cpu_model() or platform.processor() or "unknown",
             "threads": torch.get_num_threads()}
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str | None:
+    """The CPU's model name from /proc/cpuinfo; None where there is none (also used by benchmarks/common.py)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    import platform
-
-    return platform.processor() or "unknown"
+    return None
 
 
 def format_table(report: dict) -> str:
