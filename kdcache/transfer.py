@@ -28,7 +28,7 @@ from kdcache.reader import CacheLocation, CacheReader, check_identity, identity_
 from kdcache.audit import verify_cache
 from kdcache.remote import Remote, RemoteConfig, RemoteMissing
 from kdcache.shardcache import download_verified
-from kdcache.writer import COMPRESSION, write_manifest
+from kdcache.writer import COMPRESSION, write_manifest, write_sealed_manifest
 
 PULL_RECORD = "_pull.json"      # in a pull's directory until it is complete: what is being pulled
 
@@ -242,11 +242,7 @@ def _pulled_manifest(location: CacheLocation, source: dict, identity: str, entri
         data = location.read(schema.MANIFEST_NAME)
         if identity_of(data) != identity:
             raise CacheError(f"{location.where(schema.MANIFEST_NAME)}: changed while it was being pulled; pull again")
-        digest = identity.removeprefix("sha256:")
-        (directory / schema.MANIFEST_SEAL_NAME).write_text(f"{digest}  {schema.MANIFEST_NAME}\n")
-        tmp = directory / (schema.MANIFEST_NAME + ".tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, directory / schema.MANIFEST_NAME)
+        write_sealed_manifest(directory, data)
         return source
     total = sum(entry["num_samples"] for entry in entries)
     size = sum(entry["num_bytes"] for entry in entries)

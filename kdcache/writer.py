@@ -307,8 +307,12 @@ def write_manifest(cache_dir, manifest: dict) -> str:
     """Seal, then manifest: `manifest.sha256` (sha256sum's line for the manifest's bytes) and then
     `manifest.json`, each atomically, so a finished cache always has both. Returns the cache's identity
     ("sha256:<hex>" of the manifest's bytes; docs/design.md §13)."""
+    return write_sealed_manifest(cache_dir, (json.dumps(manifest, indent=2) + "\n").encode())
+
+
+def write_sealed_manifest(cache_dir, data: bytes) -> str:
+    """`write_manifest` for manifest bytes already made (a pulled mirror keeps its origin's bytes)."""
     cache_dir = Path(cache_dir)
-    data = (json.dumps(manifest, indent=2) + "\n").encode()
     digest = hashlib.sha256(data).hexdigest()
     write_bytes_atomic(cache_dir / schema.MANIFEST_SEAL_NAME, f"{digest}  {schema.MANIFEST_NAME}\n".encode())
     write_bytes_atomic(cache_dir / schema.MANIFEST_NAME, data)
