@@ -14,7 +14,9 @@ import torch
 from tokenizers import Tokenizer, decoders, models as bpe_models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
 
+from kdcache.errors import KdcacheError
 from kdcache.models import Bundle, compose, siglip_image_processor
+from kdcache.toy import weights
 from kdcache.templates import END_TOKEN, IMAGE_TOKEN, SYSTEM_PROMPT
 
 # The words the tokenizer is trained to keep whole. A frozen superset of the words kdcache.toy.data
@@ -36,9 +38,9 @@ TOY_VISION = dict(image_size=64, patch_size=16, hidden_size=64, intermediate_siz
                   num_hidden_layers=2, num_attention_heads=2)                  # 4x4 patches -> 15 visual tokens
 # The architectures of the presets registered in kdcache.presets with the loader `load_toy`.
 TOY_PRESETS: dict[str, dict] = {
-    "toy-teacher": dict(seed=1, text=dict(hidden_size=192, intermediate_size=528, num_hidden_layers=4,
+    "toy-teacher": dict(seed=1, weights="teacher", text=dict(hidden_size=192, intermediate_size=528, num_hidden_layers=4,
                                           num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False)),
-    "toy-student": dict(seed=2, text=dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2,
+    "toy-student": dict(seed=2, weights="student-lm", text=dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2,
                                           num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)),
 }
 
@@ -77,19 +79,25 @@ def build_toy_tokenizer(*, image_token: bool = True) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=END_TOKEN, pad_token=END_TOKEN, **extra)
 
 
-def toy_vision_tower(**overrides) -> SiglipVisionModel:
-    """The shared SigLIP tower (no pooling head), always initialised from TOWER_SEED.
+def toy_vision_tower(*, pretrained: bool = False, **overrides) -> SiglipVisionModel:
+    """The shared SigLIP tower (no pooling head): initialised from TOWER_SEED, or the stored pretrained one.
 
-    A stand-in for a pretrained tower: the patch embedding's first 3 x 4 x 4 channels average each
-    color channel over the patch's 4 x 4 sub-blocks (a color thumbnail of the patch), the rest stay
-    random. With a fully random patch embedding, color is scrambled into the pixel layout and the toy
-    LMs never learned to read it (docs/decisions.md, "Toy world").
+    The initialisation: the patch embedding's first 3 x 4 x 4 channels average each color channel
+    over the patch's 4 x 4 sub-blocks (a color thumbnail of the patch), the rest stay random. With a
+    fully random patch embedding, color is scrambled into the pixel layout and the toy LMs never
+    learned to read it (docs/decisions.md, "Toy world"). `pretrained=True` (the toy presets) then
+    loads the weights that `kdcache.toy.pretrain.pretrain_tower` trained from it, the stand-in for a
+    pretrained SigLIP: each patch token names the colour, shape and size of what the patch shows.
     """
     config = SiglipVisionConfig(**{**TOY_VISION, **overrides}, vision_use_head=False)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TOWER_SEED)
         tower = SiglipVisionModel(config)
     _pooling_patch_embedding(tower.embeddings.patch_embedding, blocks=4)
+    if pretrained:
+        if overrides:
+            raise KdcacheError("the stored toy tower has the TOY_VISION shape; it takes no overrides")
+        tower.load_state_dict(weights.load("tower"))
     return tower
 
 
@@ -112,14 +120,14 @@ def _pooling_patch_embedding(conv: torch.nn.Conv2d, *, blocks: int) -> None:
 
 
 def build_toy_bundle(text_config: dict, *, seed: int, source: str, vision_config: dict | None = None,
-                     dtype: torch.dtype = torch.float32) -> Bundle:
+                     dtype: torch.dtype = torch.float32, pretrained_tower: bool = False) -> Bundle:
     """A Qwen2 LM from `text_config` joined to the toy tower by `compose`, seeded, without touching global RNG.
 
     The LM has one row per token unless `text_config` sets a larger `vocab_size` (a padded head).
     """
     vision = {**TOY_VISION, **(vision_config or {})}
     tokenizer = build_toy_tokenizer(image_token=True)
-    tower = toy_vision_tower(**vision)
+    tower = toy_vision_tower(pretrained=True) if pretrained_tower else toy_vision_tower(**vision)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         language_model = Qwen2ForCausalLM(Qwen2Config(**{
@@ -133,10 +141,23 @@ def build_toy_bundle(text_config: dict, *, seed: int, source: str, vision_config
 
 
 def load_toy(name: str, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> Bundle:
-    """The loader of the toy presets (kdcache.presets): a fresh, deterministic, untrained-projector bundle.
+    """The loader of the toy presets (kdcache.presets), from the weights stored in the package.
 
+    toy-student: the pretrained tower, the text-pretrained student LM and a fresh projector (what
+    the recipe's students start from, as the paper's start from Qwen1.5-0.5B). toy-teacher: the
+    trained toy teacher (text pretraining, PT, SFT; projector trained), ready to dump from.
     `trust_remote_code` is part of every preset loader's signature; the toy models are built from
     the code above, so there is nothing remote to trust and it is not used.
     """
     preset = TOY_PRESETS[name]
-    return build_toy_bundle(preset["text"], seed=preset["seed"], source=name, dtype=dtype)
+    bundle = build_toy_bundle(preset["text"], seed=preset["seed"], source=name, pretrained_tower=True)
+    stored = weights.load(preset["weights"])
+    missing, unexpected = bundle.model.load_state_dict(stored, strict=False)
+    expected_missing = {k for k in bundle.model.state_dict() if k not in weights.trained_state(bundle.model)
+                        or (preset["weights"] == "student-lm" and "multi_modal_projector" in k)}
+    if unexpected or set(missing) - expected_missing:
+        raise KdcacheError(f"the stored toy weights {preset['weights']!r} do not fit {name}: "
+                           f"{len(missing)} missing, {len(unexpected)} unexpected tensors")
+    bundle.projector_trained = preset["weights"] == "teacher"
+    bundle.model.to(dtype)
+    return bundle

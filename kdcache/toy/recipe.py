@@ -1,13 +1,16 @@
 """`kdcache quickstart`: the whole LLaVA-KD recipe on the embedded toy world, on a CPU, in minutes.
 
-    toy data -> teacher PT -> teacher SFT -> dump (captions: plain, questions: qwen2_base)
+    toy data -> toy-teacher (stored, trained: text pretraining, PT, SFT; or --train-teacher)
+             -> dump (captions: plain, questions: qwen2_base)
              -> baseline student PT -> SFT
              -> distilled student DPT -> SFT -> DFT
              -> greedy evaluation of all three on held-out images -> report.json, report.png
 
-Every step calls the same functions as `kdcache dump` / `kdcache train` / `kdcache eval`, with
-the same config dataclasses; only the sizes are small. The job packages are imported inside the
-function so that `kdcache` (the core) does not depend on them at import time.
+Both students start from toy-student (the stored pretrained tower and text-pretrained LM, a fresh
+projector), as the paper's start from pretrained Qwen LLMs. Every step calls the same functions as
+`kdcache dump` / `kdcache train` / `kdcache eval`, with the same config dataclasses; only the sizes
+are small. The job packages are imported inside the function so that `kdcache` (the core) does not
+depend on them at import time.
 """
 
 from __future__ import annotations
@@ -85,12 +88,12 @@ class Recipe:
                           save_every=10**9, progress=self.progress, **source)
         return str(self.timed(name, train, cfg))
 
-    def teacher(self) -> str:
-        """toy-teacher trained PT (captions) then SFT (questions and captions), with the students' trainer."""
+    def teacher(self, init: str) -> str:
+        """Checkpoint `init` (a text-pretrained teacher, fresh projector) trained PT (captions) then SFT
+        (questions and captions), with the students' trainer."""
         world, plan = self.world, self.plan
         images = str(world["images_dir"])
-        pt = self.train("teacher-pt", "pt", "toy-teacher", plan.teacher_pt_steps,
-                        data=str(world["captions"]), images=images)
+        pt = self.train("teacher-pt", "pt", init, plan.teacher_pt_steps, data=str(world["captions"]), images=images)
         return self.train("teacher-sft", "sft", pt, plan.teacher_sft_steps, data=str(world["teacher"]), images=images)
 
     def dump(self, teacher: str) -> dict[str, str]:
@@ -131,11 +134,18 @@ class Recipe:
                           self.world["images_dir"], template="qwen2_base", progress=self.progress)
 
 
-def run_quickstart(out: str | Path, *, seed: int = 0, plan: Plan = Plan(), progress: bool = True) -> dict:
-    """Run the recipe under `out`; returns the report (also written to out/report.json)."""
+def run_quickstart(out: str | Path, *, seed: int = 0, plan: Plan = Plan(), progress: bool = True,
+                   train_teacher: bool = False) -> dict:
+    """Run the recipe under `out`; returns the report (also written to out/report.json).
+
+    The teacher is the stored toy-teacher, or with `train_teacher` one trained now from a freshly
+    text-pretrained LM on this seed's data (`kdcache.toy.build`'s steps; several minutes more).
+    """
     recipe = Recipe(out, plan=plan, seed=seed, progress=progress)
     recipe.data()
-    teacher = recipe.teacher()
+    teacher = recipe.timed("teacher-lm", _pretrained_teacher, recipe.out, progress) if train_teacher else "toy-teacher"
+    if train_teacher:
+        teacher = recipe.teacher(teacher)
     caches = recipe.dump(teacher)
     models = {"teacher": teacher,
               "baseline": recipe.student("PT-SFT", caches, tag="baseline"),
@@ -175,6 +185,17 @@ def cpu_model() -> str | None:
     except OSError:
         pass
     return None
+
+
+def _pretrained_teacher(out: Path, progress: bool) -> str:
+    """A toy-teacher architecture with the stored tower and an LM pretrained on text now; saved under out."""
+    from kdcache.models import save_bundle
+    from kdcache.toy.build import BuildPlan, pretrained_lm
+
+    bundle = pretrained_lm("toy-teacher", BuildPlan().teacher_lm, progress=progress)
+    path = out / "runs" / "teacher-init"
+    save_bundle(bundle, path, stages=[])
+    return str(path)
 
 
 def format_table(report: dict) -> str:
