@@ -249,16 +249,17 @@ def test_toy_presets_share_tokenizer_and_tower_and_the_teacher_is_several_times_
     assert all(torch.equal(v, again[k]) for k, v in teacher.model.state_dict().items())
     size = lambda b: sum(p.numel() for p in b.model.model.language_model.parameters())  # noqa: E731
     assert size(teacher) > 4 * size(student)
-    assert not teacher.projector_trained and teacher.source == "toy-teacher"
+    assert teacher.projector_trained and not student.projector_trained and teacher.source == "toy-teacher"
 
 
 def test_toy_tower_patch_embedding_reads_each_sub_block_color():
-    """The toy tower's first 48 patch channels are the per-channel means of each patch's 4 x 4 sub-blocks."""
-    bundle = models.load_bundle("toy-student")
+    """The toy tower's initialisation: its first 48 patch channels are the per-channel means of each patch's
+    4 x 4 sub-blocks (kdcache.toy.pretrain.pretrain_tower trains the stored tower from there)."""
+    tower = toy_models.toy_vision_tower()
     image = torch.zeros(1, 3, 64, 64)
     image[0, :, 20:24, 36:40] = torch.tensor([0.5, -0.25, 1.0])[:, None, None]  # patch (1, 2), sub-block (1, 1)
     with torch.no_grad():
-        patches = bundle.model.model.vision_tower.embeddings.patch_embedding(image)  # (1, 64, 4, 4)
+        patches = tower.embeddings.patch_embedding(image)                             # (1, 64, 4, 4)
     pooled = patches[0, :48].reshape(3, 4, 4, 4, 4)                                 # channel, sub-row, sub-col, patch
     expected = torch.zeros_like(pooled)
     expected[:, 1, 1, 1, 2] = torch.tensor([0.5, -0.25, 1.0])

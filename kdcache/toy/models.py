@@ -10,6 +10,8 @@ quickstart's steps and costs more of its 10 minutes).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from tokenizers import Tokenizer, decoders, models as bpe_models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
@@ -79,25 +81,21 @@ def build_toy_tokenizer(*, image_token: bool = True) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=END_TOKEN, pad_token=END_TOKEN, **extra)
 
 
-def toy_vision_tower(*, pretrained: bool = False, **overrides) -> SiglipVisionModel:
-    """The shared SigLIP tower (no pooling head): initialised from TOWER_SEED, or the stored pretrained one.
+def toy_vision_tower(**overrides) -> SiglipVisionModel:
+    """The shared SigLIP tower (no pooling head) as initialised from TOWER_SEED, before its pretraining.
 
     The initialisation: the patch embedding's first 3 x 4 x 4 channels average each color channel
     over the patch's 4 x 4 sub-blocks (a color thumbnail of the patch), the rest stay random. With a
     fully random patch embedding, color is scrambled into the pixel layout and the toy LMs never
-    learned to read it (docs/decisions.md, "Toy world"). `pretrained=True` (the toy presets) then
-    loads the weights that `kdcache.toy.pretrain.pretrain_tower` trained from it, the stand-in for a
-    pretrained SigLIP: each patch token names the colour, shape and size of what the patch shows.
+    learned to read it (docs/decisions.md, "Toy world"). `kdcache.toy.pretrain.pretrain_tower` trains
+    it from there (the stand-in for a pretrained SigLIP: each patch token names the colour, shape and
+    size of what the patch shows); the toy presets load that stored tower (`load_toy`).
     """
     config = SiglipVisionConfig(**{**TOY_VISION, **overrides}, vision_use_head=False)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TOWER_SEED)
         tower = SiglipVisionModel(config)
     _pooling_patch_embedding(tower.embeddings.patch_embedding, blocks=4)
-    if pretrained:
-        if overrides:
-            raise KdcacheError("the stored toy tower has the TOY_VISION shape; it takes no overrides")
-        tower.load_state_dict(weights.load("tower"))
     return tower
 
 
@@ -120,14 +118,14 @@ def _pooling_patch_embedding(conv: torch.nn.Conv2d, *, blocks: int) -> None:
 
 
 def build_toy_bundle(text_config: dict, *, seed: int, source: str, vision_config: dict | None = None,
-                     dtype: torch.dtype = torch.float32, pretrained_tower: bool = False) -> Bundle:
+                     dtype: torch.dtype = torch.float32) -> Bundle:
     """A Qwen2 LM from `text_config` joined to the toy tower by `compose`, seeded, without touching global RNG.
 
     The LM has one row per token unless `text_config` sets a larger `vocab_size` (a padded head).
     """
     vision = {**TOY_VISION, **(vision_config or {})}
     tokenizer = build_toy_tokenizer(image_token=True)
-    tower = toy_vision_tower(pretrained=True) if pretrained_tower else toy_vision_tower(**vision)
+    tower = toy_vision_tower(**vision)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         language_model = Qwen2ForCausalLM(Qwen2Config(**{
@@ -140,24 +138,29 @@ def build_toy_bundle(text_config: dict, *, seed: int, source: str, vision_config
     return bundle
 
 
-def load_toy(name: str, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> Bundle:
+def load_toy(name: str, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
+             stored: Path = weights.WEIGHTS_DIR, start: str | None = None) -> Bundle:
     """The loader of the toy presets (kdcache.presets), from the weights stored in the package.
 
     toy-student: the pretrained tower, the text-pretrained student LM and a fresh projector (what
     the recipe's students start from, as the paper's start from Qwen1.5-0.5B). toy-teacher: the
     trained toy teacher (text pretraining, PT, SFT; projector trained), ready to dump from.
-    `trust_remote_code` is part of every preset loader's signature; the toy models are built from
-    the code above, so there is nothing remote to trust and it is not used.
+    `start` picks other stored weights of the preset's shape (``teacher-lm``: the text-pretrained
+    teacher LM with a fresh projector, where `kdcache.toy.build` and ``--train-teacher`` start);
+    `stored` is the directory (kdcache.toy.build's --out). `trust_remote_code` is part of every preset
+    loader's signature; the toy models are built from the code above, so it is not used.
     """
     preset = TOY_PRESETS[name]
-    bundle = build_toy_bundle(preset["text"], seed=preset["seed"], source=name, pretrained_tower=True)
-    stored = weights.load(preset["weights"])
-    missing, unexpected = bundle.model.load_state_dict(stored, strict=False)
-    expected_missing = {k for k in bundle.model.state_dict() if k not in weights.trained_state(bundle.model)
-                        or (preset["weights"] == "student-lm" and "multi_modal_projector" in k)}
-    if unexpected or set(missing) - expected_missing:
-        raise KdcacheError(f"the stored toy weights {preset['weights']!r} do not fit {name}: "
+    which = start or preset["weights"]
+    bundle = build_toy_bundle(preset["text"], seed=preset["seed"], source=name)
+    bundle.model.model.vision_tower.load_state_dict(weights.load("tower", stored))
+    missing, unexpected = bundle.model.load_state_dict(weights.load(which, stored), strict=False)
+    projector = which == "teacher"                      # the only stored weights with a trained projector
+    allowed = {k for k in bundle.model.state_dict()
+               if k.startswith("model.vision_tower.") or (not projector and "multi_modal_projector" in k)}
+    if unexpected or set(missing) - allowed:
+        raise KdcacheError(f"the stored toy weights {which!r} in {stored} do not fit {name}: "
                            f"{len(missing)} missing, {len(unexpected)} unexpected tensors")
-    bundle.projector_trained = preset["weights"] == "teacher"
+    bundle.projector_trained = projector
     bundle.model.to(dtype)
     return bundle

@@ -188,13 +188,12 @@ def cpu_model() -> str | None:
 
 
 def _pretrained_teacher(out: Path, progress: bool) -> str:
-    """A toy-teacher architecture with the stored tower and an LM pretrained on text now; saved under out."""
+    """The stored text-pretrained toy-teacher LM on the stored tower, fresh projector; saved under out."""
     from kdcache.models import save_bundle
-    from kdcache.toy.build import BuildPlan, pretrained_lm
+    from kdcache.toy.models import load_toy
 
-    bundle = pretrained_lm("toy-teacher", BuildPlan().teacher_lm, progress=progress)
     path = out / "runs" / "teacher-init"
-    save_bundle(bundle, path, stages=[])
+    save_bundle(load_toy("toy-teacher", start="teacher-lm"), path, stages=[])
     return str(path)
 
 

@@ -36,7 +36,7 @@ def load(name: str, directory: Path = WEIGHTS_DIR) -> dict[str, torch.Tensor]:
         raise KdcacheError(f"the toy weights {name!r} are not in {index_path} ({type(e).__name__}); "
                            f"rebuild them with `{REBUILD}`") from None
     path = directory / entry["file"]
-    if not path.is_file() or sha256_file(path) != entry["sha256"]:
+    if not path.is_file() or sha256_file(path)[1] != entry["sha256"]:
         raise KdcacheError(f"{path} is missing or its sha256 differs from {index_path}; "
                            f"rebuild the toy weights with `{REBUILD}`")
     return {k: v.float() for k, v in load_file(str(path)).items()}
@@ -47,16 +47,18 @@ def save(tensors: dict[str, torch.Tensor], name: str, directory: Path, *, dtype:
     """Write `tensors` as directory/NAME.safetensors in `dtype` and record it in weights.json; returns its sha256."""
     from safetensors.torch import save_file
 
+    import fcntl
+
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{name}.safetensors"
-    save_file({k: v.detach().to(dtype).contiguous() for k, v in tensors.items()}, str(path))
+    save_file({k: v.detach().to(dtype).clone().contiguous() for k, v in tensors.items()}, str(path))   # clone: tied weights
     index_path = directory / INDEX
-    index = json.loads(index_path.read_text()) if index_path.is_file() else {}
-    index[name] = {"file": path.name, "sha256": sha256_file(path), "dtype": str(dtype).removeprefix("torch."),
-                   "num_parameters": sum(v.numel() for v in tensors.values())}
-    if build is not None:
-        index["build"] = build
-    write_json_atomic(index_path, index)
+    with open(directory / ".weights.lock", "w") as lock:          # build steps may run in parallel processes
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        index = json.loads(index_path.read_text()) if index_path.is_file() else {}
+        index[name] = {"file": path.name, "sha256": sha256_file(path)[1], "dtype": str(dtype).removeprefix("torch."),
+                       "num_parameters": sum(v.numel() for v in tensors.values()), **({"build": build} if build else {})}
+        write_json_atomic(index_path, index)
     return index[name]["sha256"]
 
 
