@@ -16,6 +16,7 @@ import re
 import pyarrow as pa
 
 from kdcache import codecs
+from kdcache.config import TARGET_KINDS
 from kdcache.errors import CacheError
 
 FORMAT = "kdcache"
@@ -83,6 +84,20 @@ def column_codecs(codec: str) -> dict[str, str] | None:
     if codec not in codecs.PRESETS:
         raise ValueError(f"unknown codec {codec!r} (expected one of {', '.join(codecs.CODEC_NAMES)})")
     return {column: codecs.PRESETS[codec][kind] for column, kind in ENCODED.items()}
+
+
+def target_kinds(manifest: dict) -> dict[str, str]:
+    """{role: "topk" | "sampled"} of a checked manifest: its `targets` (docs/design.md §4); absent: top-k for both
+    (every cache dumped before sampled targets existed, and every top-k dump since)."""
+    found = manifest.get("targets") or {}
+    return {role: found.get(role, {}).get("kind", "topk") for role in ROLES}
+
+
+def targets_entry(kinds: dict[str, str], widths: dict[str, int], seed: int) -> dict:
+    """The manifest's `targets` of a dump: per role {"kind": "topk", "k": k} or {"kind": "sampled", "draws": N,
+    "seed": seed}; `widths` are the rows' widths (k or N, the manifest's `topk`)."""
+    return {role: {"kind": "topk", "k": widths[role]} if kinds[role] == "topk"
+            else {"kind": "sampled", "draws": widths[role], "seed": seed} for role in ROLES}
 
 
 def manifest_codecs(manifest: dict) -> dict[str, str] | None:
@@ -167,7 +182,8 @@ def manifest_faults(manifest: object, source: str, *, for_training: bool = False
     for key, (valid, expected) in _MANIFEST_FIELDS.items():
         if key in manifest and not valid(manifest[key]):
             faults.append(f"{source}: manifest {key!r} must be {expected}, got {_show(manifest[key])}")
-    faults += _vocabulary_faults(manifest, source) + _codec_faults(manifest, source, version)
+    faults += (_vocabulary_faults(manifest, source) + _codec_faults(manifest, source, version)
+               + _targets_faults(manifest, source))
     shards = manifest.get("shards")
     seen: dict[str, int] = {}
     for i, entry in enumerate(shards if isinstance(shards, list) else []):
@@ -196,8 +212,11 @@ def _vocabulary_faults(manifest: dict, source: str) -> list[str]:
         if _count(manifest.get(key)) and manifest[key] >= limit:
             faults.append(f"{source}: manifest {key!r} is {manifest[key]}, outside the vocabulary ({name} {limit})")
     topk = manifest.get("topk")
+    found = manifest.get("targets") if isinstance(manifest.get("targets"), dict) else {}
+    sampled = {role for role, entry in found.items()
+               if isinstance(entry, dict) and entry.get("kind") == "sampled"}   # N draws may exceed V
     for role in ROLES if _MANIFEST_FIELDS["topk"][0](topk) else ():
-        if topk[role] > vocab:
+        if role not in sampled and topk[role] > vocab:
             faults.append(f"{source}: manifest 'topk' {role} is {topk[role]}, more than vocab_size {vocab}")
     return faults
 
@@ -214,6 +233,32 @@ def _codec_faults(manifest: dict, source: str, version: int) -> list[str]:
     return [f"{source}: manifest 'codecs' {column!r} is {_show(name)}, expected one of "
             f"{list(codecs.KIND_CODECS[ENCODED[column]])}"
             for column, name in sorted(found.items()) if name not in codecs.KIND_CODECS[ENCODED[column]]]
+
+
+def _targets_faults(manifest: dict, source: str) -> list[str]:
+    """`targets` (absent: top-k for both roles) maps each role to {"kind": "topk", "k": k} or {"kind": "sampled",
+    "draws": N[, "seed": s]}, k or N equal to the role's row width `topk`."""
+    if "targets" not in manifest:
+        return []
+    found, topk = manifest["targets"], manifest.get("topk")
+    if not isinstance(found, dict) or set(found) != set(ROLES):
+        return [f"{source}: manifest 'targets' must map exactly {list(ROLES)} to target entries, got {_show(found)}"]
+    widths = topk if _MANIFEST_FIELDS["topk"][0](topk) else {}
+    faults = []
+    for role in ROLES:
+        entry, where = found[role], f"{source}: manifest 'targets' {role!r}"
+        if not isinstance(entry, dict) or entry.get("kind") not in TARGET_KINDS:
+            faults.append(f"{where} must be an object whose 'kind' is one of {list(TARGET_KINDS)}, got {_show(entry)}")
+            continue
+        size = "k" if entry["kind"] == "topk" else "draws"
+        if not _size(entry.get(size)):
+            faults.append(f"{where} {size!r} must be a positive int, got {_show(entry.get(size))}")
+        elif role in widths and entry[size] != widths[role]:
+            faults.append(f"{where} {size!r} is {entry[size]}, but its rows hold {widths[role]} entries "
+                          f"(manifest 'topk' {role})")
+        if entry["kind"] == "sampled" and "seed" in entry and not _count(entry["seed"], 2 ** 63 - 1):
+            faults.append(f"{where} 'seed' must be a non-negative int, got {_show(entry['seed'])}")
+    return faults
 
 
 def check_manifest(manifest: object, source: str, *, for_training: bool = False) -> None:
