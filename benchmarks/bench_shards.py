@@ -13,9 +13,12 @@ with `--codec` (default `lossless`, the dump's default), read back three ways:
 * `make_loader` with 2 workers, `ResumableSampler` order, `collate`: batches delivered per second.
 
 Write and read rates are per core: samples per process-CPU second of a single-threaded process
-(pyarrow threads off, as the reader uses them). The loader rate is wall-clock with its 2 worker
+(pyarrow threads off, as the reader uses them; numpy's BLAS threads 1 unless OPENBLAS_NUM_THREADS /
+OMP_NUM_THREADS / MKL_NUM_THREADS say otherwise). The loader rate is wall-clock with its 2 worker
 processes on the machine's 2 cores. Last stdout line: one JSON object, its `codecs` key one entry per
-codec, and `relation_spectrum` the low-rank sizes as a function of the assumed spectral decay.
+codec, `relation_spectrum` the low-rank sizes as a function of the assumed spectral decay (`compact_kb`:
+the relation under compact's codec, `lowrank8`; `int8col_kb` the one it replaced) and `ids_codecs_kb`
+the top-k ids under each ids codec (`shuffle32`, `freqdict`).
 
     python benchmarks/bench_shards.py [--samples 128] [--batch-size 4] [--workers 2] [--codec lossless]
                                       [--relation-decay 1.0]
@@ -31,8 +34,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
+# Rates are per core of a single-threaded process: numpy's BLAS (lowrank8's eigendecomposition and matmul)
+# must be single-threaded too, which only works before numpy loads (idle BLAS threads spin, and their CPU time
+# counted: 112 instead of 441 reads/s for `compact` on the 2-core machine of benchmarks/README.md, issue 10).
+for _blas_threads in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_blas_threads, "1")
+
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
@@ -259,23 +268,43 @@ def role_bytes(sizes: dict[str, tuple[float, float]]) -> dict[str, float]:
 
 def relation_spectrum(synth: Synth, decays=(0.5, 1.0, 1.5), count: int = 3) -> dict:
     """Per assumed decay: the rank a truncated eigendecomposition needs for cosine >= 0.999 (mean, max over
-    `count` relations), what a float16 factor Z (L x r) of that rank takes, and the stored relation's
-    compressed size under `shuffle16` (lossless) and `int8col` (compact)."""
+    `count` relations), what a float16 factor Z (L x r) of that rank takes, the stored relation's compressed
+    size under `shuffle16` (lossless), `int8col` (compact before) and `lowrank8` (compact: its rank, size,
+    cosine to the exact matrix and encode CPU time per sample)."""
     zstd, rows, out = pa.Codec("zstd", 3), np.triu_indices(L), {}
     for decay in decays:
-        ranks, lossless, compact = [], [], []
+        ranks, lossless, int8col, low, low_ranks, low_cos, low_cpu = [], [], [], [], [], [], []
         for _ in range(count):
             exact = synth.exact_relation(decay)
             energy = np.sort(np.linalg.eigvalsh(exact) ** 2)[::-1]
             ranks.append(int(np.searchsorted(np.sqrt(np.cumsum(energy) / energy.sum()), GOAL_COSINE) + 1))
             stored = exact[rows].astype(np.float16)
             lossless.append(len(zstd.compress(codecs.encode(codecs.SHUFFLE16, stored), asbytes=True)))
-            compact.append(len(zstd.compress(codecs.encode(codecs.INT8COL, stored), asbytes=True)))
+            int8col.append(len(zstd.compress(codecs.encode(codecs.INT8COL, stored), asbytes=True)))
+            payload, cpu, _ = common.measure(lambda: codecs.encode(codecs.LOWRANK8, stored))
+            low.append(len(zstd.compress(payload, asbytes=True)))
+            low_ranks.append(int(np.frombuffer(payload[4:8], np.uint32)[0]))
+            low_cos.append(relation_cosine(codecs.decode(codecs.LOWRANK8, np.frombuffer(payload, np.uint8))
+                                           .astype(np.float64), exact))
+            low_cpu.append(cpu)
         out[str(decay)] = {"rank_for_cosine_0.999_mean": round(float(np.mean(ranks)), 1),
                            "rank_for_cosine_0.999_max": max(ranks),
                            "lowrank_float16_kb": round(max(ranks) * L * 2 / 1e3, 1),
                            "lossless_kb": round(np.mean(lossless) / 1e3, 1),
-                           "compact_kb": round(np.mean(compact) / 1e3, 1)}
+                           "compact_kb": round(np.mean(low) / 1e3, 1), "int8col_kb": round(np.mean(int8col) / 1e3, 1),
+                           "lowrank8_rank_mean": round(float(np.mean(low_ranks)), 1),
+                           "lowrank8_rank_max": max(low_ranks), "lowrank8_cosine_min": round(min(low_cos), 6),
+                           "lowrank8_encode_ms": round(1e3 * float(np.mean(low_cpu)), 1)}
+    return out
+
+
+def ids_codecs(records: list[dict]) -> dict[str, dict[str, float]]:
+    """Per role, zstd-3 kB per sample of the top-k ids under each ids codec (`shuffle32`, `freqdict`)."""
+    zstd, out = pa.Codec("zstd", 3), {}
+    for role, (ids_column, _) in schema.TOPK_COLUMNS.items():
+        out[role] = {name: round(float(np.mean([len(zstd.compress(codecs.encode(name, r[ids_column]), asbytes=True))
+                                                for r in records])) / 1e3, 1)
+                     for name in codecs.KIND_CODECS["ids"]}
     return out
 
 
@@ -359,9 +388,18 @@ def print_codec_tables(results: dict, roles: dict, spectrum: dict, decay: float)
                        "buffer), rates per core", ["codec", "kB/sample", "B/token", *(f"{r} kB" for r in ROLE_COLUMNS),
                                                    "write/s", "read/s", "rel. cos min", "KL mean", "targets"], rows)
     common.print_table("Relation: rank for cosine >= 0.999 and stored size, by assumed spectral decay n^-decay",
-                       ["decay", "rank mean / max", "low-rank Z fp16 kB", "lossless kB", "compact kB"],
+                       ["decay", "rank mean / max", "low-rank Z fp16 kB", "lossless kB", "int8col kB",
+                        "lowrank8 kB", "lowrank8 rank mean / max", "lowrank8 cos min", "lowrank8 encode ms"],
                        [[d, f"{v['rank_for_cosine_0.999_mean']} / {v['rank_for_cosine_0.999_max']}",
-                         v["lowrank_float16_kb"], v["lossless_kb"], v["compact_kb"]] for d, v in spectrum.items()])
+                         v["lowrank_float16_kb"], v["lossless_kb"], v["int8col_kb"], v["compact_kb"],
+                         f"{v['lowrank8_rank_mean']} / {v['lowrank8_rank_max']}", f"{v['lowrank8_cosine_min']:.6f}",
+                         v["lowrank8_encode_ms"]] for d, v in spectrum.items()])
+
+
+def print_ids_table(ids: dict[str, dict[str, float]]) -> None:
+    names = list(next(iter(ids.values())))
+    common.print_table("Top-k ids by ids codec: kB per sample (zstd 3, 16 samples)", ["role", *names],
+                       [[role, *(f"{sizes[n]:.1f}" for n in names)] for role, sizes in ids.items()])
 
 
 def result_json(args, info: dict, stats: dict, sizes: dict, timed: dict[str, tuple[float, float]],
@@ -409,15 +447,17 @@ def main() -> None:
         results = {codec: measure_codec(Path(tmp), codec, samples, synth) for codec in CODECS}
     roles = {codec: role_bytes(column_sizes(coerced, codec)) for codec in CODECS}
     spectrum = relation_spectrum(synth)
+    ids = ids_codecs(coerced)
 
     stats = manifest["stats"]
     timed = {"write": (write_cpu, write_wall), **reads, "dataset": (ds_cpu, ds_wall)}   # (CPU s, wall s)
     print_column_table(sizes)
     print_cache_table(args, stats, synth, {k: c for k, (c, _) in timed.items()}, loader)
     print_codec_tables(results, roles, spectrum, args.relation_decay)
+    print_ids_table(ids)
     print(json.dumps({**result_json(args, info, stats, sizes, timed, loader, started), "codec": args.codec,
                       "relation_decay": args.relation_decay, "codecs": results, "bytes_by_role": roles,
-                      "relation_spectrum": spectrum}))
+                      "relation_spectrum": spectrum, "ids_codecs_kb": ids}))
 
 
 if __name__ == "__main__":

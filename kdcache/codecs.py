@@ -10,11 +10,13 @@ storing ids in ascending id order (docs/decisions.md, "Cache format v2").
 Column codecs (the names are part of the format; each is a fixed layout, no parameters):
 
 * `shuffle32` (top-k ids): the int32 ids, byte planes (all first bytes, then all second, ...).
-* `freqdict` (top-k ids, exact for any int32): a per-sample dictionary of the distinct ids, most frequent
-  in the sample first (equal counts by ascending id): uint32 `D`, then the D ids as uint32 differences from
-  the previous one modulo 2^32 (4 byte planes), then every entry, rows in their order, as its index into the
-  dictionary, uint16 if D <= 65536 else uint32 (byte planes). Common ids get small indices, so the high byte
-  plane is mostly zero; ids recurring across a sample's rows are spelled out once.
+* `freqdict` (top-k ids, exact for any int32): a per-sample dictionary of the distinct ids: uint32 `D`, then
+  the D ids as uint32 differences from the previous one modulo 2^32 (4 byte planes), then every entry, rows
+  and their order kept, as its index into the dictionary, uint16 if D <= 65536 else uint32 (byte planes).
+  The encoder orders the dictionary by frequency class in the sample, `floor(log2(count))` descending, and
+  within a class by ascending id as uint32 (runs of small differences); the decoder needs no order. Common ids get
+  small indices (the high byte plane is mostly zero), ids recurring across a sample's rows are spelled out
+  once. Duplicates within a row, k = V, any int32 round-trip.
 * `delta16` (top-k log-probs, lossless): each row's float16 bit patterns as uint16, every entry
   after a row's first replaced by its difference from the previous one modulo 2^16 (descending
   log-probs have slowly rising bit patterns), then 2 byte planes. Exact for every bit pattern.
@@ -115,7 +117,8 @@ def decode_ids(data: np.ndarray, k: int) -> np.ndarray:
 def encode_freqdict(ids: np.ndarray) -> bytes:
     values = np.ascontiguousarray(ids, np.int32).reshape(-1).view(np.uint32)
     table, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
-    order = np.lexsort((table, -counts))            # most frequent first; equal counts by ascending id
+    classes = np.frexp(counts)[1]                   # floor(log2(count)) + 1: the frequency class
+    order = np.lexsort((table, -classes))           # most frequent class first; within a class by ascending id
     rank = np.empty(len(table), np.uint32)
     rank[order] = np.arange(len(table), dtype=np.uint32)
     table = table[order]
