@@ -10,7 +10,8 @@ docs/design.md §5):
 
 * `L_reg`: next-token cross-entropy over the response rows;
 * `L_res`, `L_vis` (MDist): forward KL(p_teacher || q_student) per row against the cached
-  top-k, over response rows and visual rows;
+  top-k, over response rows and visual rows; for a role whose cache holds sampled draws (RS-KD), the
+  unbiased Monte-Carlo estimate of the full-vocabulary KL (`sampled_kl`);
 * `L_rel` (RDist): `1 - cos(vec R_s, vec R_t)` per sample with an image, where `R = Y Yᵀ` is the
   Gram matrix of the visual-row logits, computed as `H (WᵀW) Hᵀ` so the logits never exist.
 
@@ -18,7 +19,8 @@ Logits are only ever computed for the rows that need them, `chunk_rows` at a tim
 recomputed in backward (`row_losses`), so the student never holds a (B, T, V) float32 tensor.
 The common case (bucket tail, T = 1 when CE and KL share rows) runs through `_BucketRows`, whose
 hand-written backward reuses one (n, V) buffer in place; the rest runs `_chunk_losses` under
-activation checkpointing. Both give the same values and gradients.
+activation checkpointing. Both give the same values and gradients. Sampled rows run through
+`_SampledRows` the same way.
 """
 
 from __future__ import annotations

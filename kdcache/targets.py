@@ -2,7 +2,8 @@
 
 Pure torch, float32 inside. Two quantities (docs/design.md §3):
 
-* per row t, the top-k ids and log-probs of `log_softmax(h_t Wᵀ / T)` over the full vocabulary;
+* per row t, the top-k ids and log-probs of `log_softmax(h_t Wᵀ / T)` over the full vocabulary, or
+  (sampled targets, RS-KD) N draws from that distribution and their log-probs (`sampled_logprobs`);
 * per sample with an image, the visual-logit Gram matrix `R = Y Yᵀ` with `Y = H Wᵀ` the
   `visual_len x V` visual logits, computed as `R = H (WᵀW) Hᵀ` so that `Y` never exists, and
   stored divided by its Frobenius norm as a packed upper triangle in float16.

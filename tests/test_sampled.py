@@ -148,6 +148,32 @@ def test_the_sampled_loss_paths_agree_with_the_reference_in_value_and_gradient()
     assert torch.allclose(losses.sampled_kl(hidden @ weight.T, ids, logprobs), manual)
 
 
+def test_the_bf16_head_path_of_the_sampled_loss_matches_float32_at_bf16_valued_inputs():
+    torch.manual_seed(4)
+    hidden = torch.randn(9, 16).bfloat16().float().requires_grad_(True)
+    weight = (0.3 * torch.randn(30, 16)).bfloat16().float().requires_grad_(True)
+    ids, logprobs = targets.sampled_logprobs(torch.randn(9, 16), weight.detach(), draws=6,
+                                             generator=torch.Generator().manual_seed(2))
+    labels = torch.randint(0, 30, (9,))
+    results = []
+    for lowered in (None, losses.lowered_head(weight, torch.bfloat16)):
+        ce, kl = losses.row_losses(hidden, weight, labels=labels, topk_ids=ids, topk_logprobs=logprobs,
+                                   kind="sampled", chunk_rows=4, lowered=lowered)
+        grads = torch.autograd.grad((ce + 2 * kl).sum(), (hidden, weight))
+        results.append((ce.detach(), kl.detach(), *grads))
+    (ce32, kl32, gh32, gw32), (ce16, kl16, gh16, gw16) = results
+    assert torch.equal(ce16, ce32) and torch.equal(kl16, kl32)        # bf16-valued operands: the same logits
+    # the backward GEMMs take dL/dz rounded to bf16: |g^ - g| <= (u + 2 (n + 1) 2^-24) |dz|ᵀ |h| elementwise
+    logits = (hidden @ weight.T).detach().requires_grad_()
+    (F.cross_entropy(logits, labels, reduction="none") + 2 * losses.sampled_kl(logits, ids, logprobs)).sum().backward()
+    dz, u = logits.grad.double().abs(), 2.0 ** -8 + 1e-5
+    bound_w = (u + 2 * 10 * 2.0 ** -24) * (dz.T @ hidden.detach().double().abs()) + 1e-9
+    bound_h = (u + 2 * 31 * 2.0 ** -24) * (dz @ weight.detach().double().abs()) + 1e-9
+    assert bool(((gw16.double() - gw32.double()).abs() <= bound_w).all())
+    assert bool(((gh16.double() - gh32.double()).abs() <= bound_h).all())
+    assert not torch.equal(gw16, gw32)                                   # dz really was rounded
+
+
 def test_the_sampler_draws_from_the_full_distribution_in_the_caches_order():
     torch.manual_seed(5)
     hidden, weight = torch.randn(3, 8), torch.randn(40, 8)
@@ -230,6 +256,23 @@ def test_a_sampled_dump_stores_draws_of_the_teachers_distribution_and_reads_back
     text = describe_cache(tmp_path / "cache")
     assert "visual sampled  N = 8 draws per row (RS-KD, seed 3)" in text and "response top-k  k = 6" in text
     assert "(sampled: the estimate over the draws)" in text
+
+
+def test_a_compact_sampled_dump_draws_the_same_tokens_and_bounds_their_log_probs(sharp_teacher, toy_dataset, tmp_path):
+    data, images = toy_dataset(count=3)
+    for codec in ("lossless", "compact"):
+        run_dump(sharp_teacher, data, images, tmp_path / codec, codec=codec, fidelity_sample=3, **SAMPLED)
+        assert verify_cache(tmp_path / codec) == []
+    exact = {s["sample_id"]: s for s in CacheReader(tmp_path / "lossless", verify=True)}
+    for sample in CacheReader(tmp_path / "compact", verify=True):
+        reference = exact[sample["sample_id"]]
+        assert np.array_equal(sample["visual_topk_ids"], reference["visual_topk_ids"])   # same seed: same draws
+        got, want = (x["visual_topk_logprobs"].astype(np.float64) for x in (sample, reference))
+        near = want >= want.max(axis=1, keepdims=True) - 15.875         # logq8's documented range
+        bound = 1 / 32 + 2 ** -11 * (np.abs(want) + np.abs(want.max(axis=1, keepdims=True)))
+        assert np.all(np.abs(got - want)[near] <= bound[near] + 1e-6)
+    fidelity = json.loads((tmp_path / "compact" / "manifest.json").read_text())["fidelity"]["visual"]
+    assert 0 < abs(fidelity["kl_max_nats"]) <= 1 / 32 + 0.02           # the quantiser's error, not zero
 
 
 def test_a_sampled_cache_trains_with_the_estimate(tiny_teacher_dir, tiny_student_dir, toy_dataset, tmp_path,
