@@ -319,6 +319,18 @@ def test_a_resumed_sampled_dump_equals_an_uninterrupted_one(tiny_teacher_dir, to
             assert np.array_equal(sample[column], resumed[sample_id][column]), (sample_id, column)
 
 
+def test_a_sampled_cache_cut_by_pull_keeps_its_targets(sharp_teacher, toy_dataset, tmp_path):
+    from kdcache.transfer import pull_cache
+
+    data, images = toy_dataset(count=6)
+    source = run_dump(sharp_teacher, data, images, tmp_path / "cache", batch_size=2, shard_size_mb=0.001, **SAMPLED)
+    assert len(source["shards"]) >= 2
+    part = pull_cache(str(tmp_path / "cache"), tmp_path / "part", samples=2)
+    assert part["targets"] == source["targets"] and part["num_samples"] < source["num_samples"]
+    assert verify_cache(tmp_path / "part") == []              # repeated draws pass only as a sampled role's rows
+    assert schema.target_kinds(CacheReader(tmp_path / "part").manifest)["visual"] == "sampled"
+
+
 # --- hostile manifests and rows
 
 
