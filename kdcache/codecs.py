@@ -35,10 +35,13 @@ Column codecs (the names are part of the format; each is a fixed layout, no para
 * `lowrank8` (relation, lossy): `R ≈ Q diag(w) Qᵀ` with Q int8 (L, r), w float32 (r,): uint32 L, uint32 r,
   the r weights, then Q column by column (r x L int8), each column's codes as differences along the column
   modulo 256. The encoder takes the eigendecomposition of the (L, L) matrix of the triangle it is given,
-  eigenvalues by magnitude, and r the smallest rank whose truncation reaches cosine LOWRANK_COSINE
-  (sqrt(sum_{i<=r} λ_i²) / sqrt(sum λ_i²)); column i is `round(127 v_i / max|v_i|)`, `w_i = λ_i (max|v_i| /
-  127)²`; if the decoded triangle's cosine to the given one falls short, r grows by max(1, r / 16) until it
-  does (at full rank it is kept whatever it reaches). **Bound**: cosine of the decoded relation (full
+  eigenvalues by magnitude. A cosine >= LOWRANK_COSINE allows an error energy of B = (1 - cos²) sum λ_i²;
+  r is the smallest rank whose truncation leaves out at most (1 - LOWRANK_QUANT_SHARE) B (sum_{i>r} λ_i²),
+  and column i is `round(v_i / step_i)` with the step that gives its rounding error (~2 λ_i² L step_i² / 12)
+  an equal part of LOWRANK_QUANT_SHARE B, within [max|v_i| / 127, max|v_i|]: strong columns get fine steps,
+  weak ones coarse (few distinct codes, which zstd packs); `w_i = λ_i step_i²`. If the decoded triangle's
+  cosine to the given one falls short, r grows by max(1, r / 16) until it does (at full rank it is kept
+  whatever it reaches). **Bound**: cosine of the decoded relation (full
   symmetric matrix) to the one encoded >= LOWRANK_COSINE = 0.9995, checked on the decoded float16 values
   (a reader's float32 matmul may round differently, by ~1e-7 relative). Negative eigenvalues (rounding, or a
   relation that is not PSD) get negative weights; where all weights are >= 0, `Z = Q diag(sqrt w)` is a
@@ -62,6 +65,9 @@ LOGQ8_FLOOR_CODE, LOGQ8_NEG_INF = 254, 255
 # lowrank8: the decoded relation's cosine to the one given to the encoder is at least this (checked on the
 # decoded values); measured 0.99950-0.99952 to the exact float64 matrix at LLaVA shapes (docs/decisions.md)
 LOWRANK_COSINE = 0.9995
+# share of the error a cosine >= LOWRANK_COSINE allows (1 - cos² of the energy) given to quantising Q, the
+# rest to truncation: 0.1 halves the payload of full int8 columns (docs/decisions.md)
+LOWRANK_QUANT_SHARE = 0.1
 LOWRANK_MAX_SIDE = 1 << 14      # a payload claiming a larger L is refused before anything is allocated
 
 # column kind -> the codecs that may store it ("ids", "logprobs", "relation")
@@ -231,35 +237,43 @@ def encode_lowrank8(relation: np.ndarray) -> bytes:
     matrix[_upper(L)] = values
     matrix = matrix + np.triu(matrix, 1).T                              # (L, L) float64, symmetric
     codes, weights = _lowrank_fit(matrix)
-    if not np.isfinite(_lowrank_triangle(codes, weights, L)).all():
-        raise ValueError("relation values this close to the float16 limit decode to inf: normalise it first")
     diff = codes.view(np.uint8).copy()
     diff[:, 1:] -= codes.view(np.uint8)[:, :-1]                        # uint8 arithmetic: modulo 256
     return np.array([L, len(weights)], np.uint32).tobytes() + weights.tobytes() + diff.tobytes()
 
 
 def _lowrank_fit(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(codes int8 (r, L), weights float32 (r,)) for `matrix` (L, L): the smallest rank whose truncated
-    eigendecomposition (eigenvalues by magnitude) reaches LOWRANK_COSINE, raised by steps of max(1, r / 16)
-    until the decoded triangle does too (at full rank it is kept whatever it reaches)."""
+    """(codes int8 (r, L), weights float32 (r,)) for `matrix` (L, L): the smallest rank whose truncation
+    (eigenvalues by magnitude) leaves at most (1 - LOWRANK_QUANT_SHARE) of the error energy a cosine of
+    LOWRANK_COSINE allows, each column quantised with a step giving it an equal part of the rest; the rank
+    raised by max(1, r / 16) until the decoded triangle meets the bound (at full rank it is kept as it is)."""
     L = len(matrix)
-    total = float((matrix * matrix).sum())
-    if total == 0:
+    if not (matrix * matrix).sum():
         return np.zeros((0, L), np.int8), np.zeros(0, np.float32)
     eigenvalues, vectors = np.linalg.eigh(matrix)
     order = np.argsort(-np.abs(eigenvalues), kind="stable")
     eigenvalues, vectors = eigenvalues[order], vectors[:, order]
-    captured = np.sqrt(np.cumsum(eigenvalues ** 2) / np.sum(eigenvalues ** 2))
-    rank = min(L, int(np.searchsorted(captured, LOWRANK_COSINE)) + 1)
+    energy = eigenvalues ** 2
+    budget = (1 - LOWRANK_COSINE ** 2) * energy.sum()                   # error energy within the bound
+    tail = energy.sum() - np.cumsum(energy)                             # left out at rank i + 1
+    tail[-1] = 0.0
+    rank = int(np.argmax(tail <= (1 - LOWRANK_QUANT_SHARE) * budget)) + 1
     while True:
         peak = np.abs(vectors[:, :rank]).max(axis=0)                     # > 0: unit columns
-        codes = np.rint(vectors[:, :rank] * (127 / peak)).astype(np.int8).T
-        weights = (eigenvalues[:rank] * (peak / 127) ** 2).astype(np.float32)
+        # rounding a column to `step` adds ~2 λ² L step² / 12 of error energy: an equal part of the share each,
+        # the step between int8's finest (peak / 127) and one code for the peak (weights stay <= |λ|)
+        with np.errstate(over="ignore"):                                # a tiny eigenvalue: the coarsest step
+            wanted = 6 * LOWRANK_QUANT_SHARE * budget / (rank * L * np.maximum(energy[:rank], np.finfo(float).tiny))
+        step = np.clip(np.sqrt(wanted), peak / 127, peak)
+        codes = np.clip(np.rint(vectors[:, :rank] / step), -127, 127).astype(np.int8).T
+        weights = (eigenvalues[:rank] * step ** 2).astype(np.float32)
         decoded = np.zeros((L, L))
         decoded[_upper(L)] = _lowrank_triangle(codes, weights, L)
         decoded = decoded + np.triu(decoded, 1).T
         norm = np.linalg.norm(decoded)
-        if rank == L or (norm > 0 and (decoded * matrix).sum() / (norm * np.sqrt(total)) >= LOWRANK_COSINE):
+        if not np.isfinite(norm):
+            raise ValueError("relation values this close to the float16 limit decode to inf: normalise it first")
+        if rank == L or (norm > 0 and (decoded * matrix).sum() / (norm * np.linalg.norm(matrix)) >= LOWRANK_COSINE):
             return codes, weights
         rank = min(L, rank + max(1, rank // 16))
 
