@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from transformers import LlavaForConditionalGeneration
 
-from kdcache import models, samples, schema
+from kdcache import codecs, models, samples, schema
 from kdcache.errors import CacheError
 from kdcache.reader import CacheReader
 from kdcache.audit import describe_cache
@@ -193,7 +193,9 @@ def test_a_malformed_fidelity_or_bytes_entry_is_refused_in_one_line(measured_cac
 def test_inspect_shows_codec_bytes_per_role_and_fidelity(measured_cache):
     manifest = json.loads((measured_cache / schema.MANIFEST_NAME).read_text())
     text = describe_cache(measured_cache)
-    assert "codec           compact (" in text and "relation int8col" in text and "response_topk_logprobs logq8" in text
+    preset = codecs.PRESETS["compact"]
+    assert "codec           compact (" in text and f"relation {preset['relation']}" in text
+    assert f"response_topk_logprobs {preset['logprobs']}" in text and f"response_topk_ids {preset['ids']}" in text
     assert "bytes by role   response_topk " in text and "(encoded, before zstd)" in text
     fidelity = manifest["fidelity"]
     assert "fidelity        2 samples, codec compact" in text
