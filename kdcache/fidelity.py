@@ -68,10 +68,14 @@ def row_kls(hidden: torch.Tensor, lm_head: torch.Tensor, ids: np.ndarray, logpro
 
 
 def cosine(stored_packed: np.ndarray, exact: torch.Tensor) -> float:
-    """Cosine of a stored packed triangle (P,) to the exact (L, L) relation, in float64."""
+    """Cosine of a stored packed triangle (P,) to the exact (L, L) relation, in float64; NaN where either
+    holds NaN or inf (no cosine is defined: a non-finite relation is not measured, `Fidelity.add_relation`),
+    1.0 where both are finite and one is zero (nothing to lose)."""
     full = targets.unpack_upper(torch.from_numpy(stored_packed.astype(np.float64)), exact.shape[-1])
     exact = exact.double().cpu()
     denominator = torch.linalg.matrix_norm(full) * torch.linalg.matrix_norm(exact)
+    if not (torch.isfinite(full).all() and torch.isfinite(exact).all()):
+        return math.nan
     return float((full * exact).sum() / denominator) if denominator > 0 else 1.0
 
 
@@ -106,8 +110,13 @@ class Fidelity:
         entry["rows"] += len(kl)
 
     def add_relation(self, packed: torch.Tensor, exact: torch.Tensor) -> None:
-        """One sample's stored relation (packed float16 (P,), as the dump stores it) against the exact (L, L)."""
-        value = cosine(round_trip(self.column_codecs.get(schema.RELATION), packed.cpu().numpy()), exact)
+        """One sample's stored relation (packed float16 (P,), as the dump stores it) against the exact (L, L).
+        A non-finite one (either) is skipped, not measured: the codec would refuse it without naming the sample,
+        and the dump's own check refuses it next, naming the sample (`teacher_dump.dump.shard_records`)."""
+        packed = packed.cpu().numpy()
+        if not (np.isfinite(packed).all() and torch.isfinite(exact).all()):
+            return
+        value = cosine(round_trip(self.column_codecs.get(schema.RELATION), packed), exact)
         r = self.relation
         r["cosine_sum"] += value
         r["cosine_min"] = value if r["cosine_min"] is None else min(r["cosine_min"], value)
