@@ -20,8 +20,10 @@ from kdcache.config import TARGET_KINDS
 from kdcache.errors import CacheError
 
 FORMAT = "kdcache"
-FORMAT_VERSION = 2          # the newest this kdcache reads and writes; `kdcache dump --codec v1` writes version 1
+FORMAT_VERSION = 3          # the newest this kdcache reads and writes; `kdcache dump --codec v1` writes version 1
 V1 = 1                      # format 1: every column a plain Arrow type (no `codecs` in the manifest)
+V2 = 2                      # format 2: per-column codecs (`codec`, `codecs`), top-k targets
+SAMPLED_VERSION = 3         # format 3 = format 2 + `targets` with a sampled role (docs/decisions.md, "Format 3")
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_SEAL_NAME = "manifest.sha256"   # sha256sum's line for manifest.json, written just before it (its seal)
@@ -98,6 +100,16 @@ def targets_entry(kinds: dict[str, str], widths: dict[str, int], seed: int) -> d
     "seed": seed}; `widths` are the rows' widths (k or N, the manifest's `topk`)."""
     return {role: {"kind": "topk", "k": widths[role]} if kinds[role] == "topk"
             else {"kind": "sampled", "draws": widths[role], "seed": seed} for role in ROLES}
+
+
+def format_version(column_codecs: dict[str, str] | None, targets: dict | None) -> int:
+    """The format_version a cache is written with: 1 without column codecs (`--codec v1`), 3 when a role holds
+    sampled targets (a reader that ignores `targets` would train it with the top-k loss: it must refuse it),
+    else 2."""
+    if column_codecs is None:
+        return V1
+    sampled = any(isinstance(entry, dict) and entry.get("kind") == "sampled" for entry in (targets or {}).values())
+    return SAMPLED_VERSION if sampled else V2
 
 
 def manifest_codecs(manifest: dict) -> dict[str, str] | None:
@@ -183,7 +195,7 @@ def manifest_faults(manifest: object, source: str, *, for_training: bool = False
         if key in manifest and not valid(manifest[key]):
             faults.append(f"{source}: manifest {key!r} must be {expected}, got {_show(manifest[key])}")
     faults += (_vocabulary_faults(manifest, source) + _codec_faults(manifest, source, version)
-               + _targets_faults(manifest, source))
+               + _targets_faults(manifest, source) + _sampled_version_faults(manifest, source, version))
     shards = manifest.get("shards")
     seen: dict[str, int] = {}
     for i, entry in enumerate(shards if isinstance(shards, list) else []):
@@ -259,6 +271,24 @@ def _targets_faults(manifest: dict, source: str) -> list[str]:
         if entry["kind"] == "sampled" and "seed" in entry and not _count(entry["seed"], 2 ** 63 - 1):
             faults.append(f"{where} 'seed' must be a non-negative int, got {_show(entry['seed'])}")
     return faults
+
+
+def _sampled_version_faults(manifest: dict, source: str, version: int) -> list[str]:
+    """Sampled targets exactly in format 3: a sampled role under 1 or 2 is a cache an older reader would train
+    with the top-k loss; format 3 without one is not what any kdcache writes."""
+    found = manifest.get("targets", {role: {"kind": "topk"} for role in ROLES})      # absent: top-k
+    if not (isinstance(found, dict) and set(found) == set(ROLES)
+            and all(isinstance(entry, dict) and entry.get("kind") in TARGET_KINDS for entry in found.values())):
+        return []                                                 # malformed: `_targets_faults` names it
+    sampled = [role for role in ROLES if found[role]["kind"] == "sampled"]
+    if sampled and version != SAMPLED_VERSION:
+        return [f"{source}: manifest 'targets' has sampled {' and '.join(sampled)} rows, which need "
+                f"format_version {SAMPLED_VERSION}, not {version} (a reader of format {version} would train them "
+                "with the top-k loss)"]
+    if not sampled and version == SAMPLED_VERSION:
+        return [f"{source}: format_version {SAMPLED_VERSION} is format 2 with sampled targets, but manifest "
+                f"'targets' names no sampled role (got {_show(manifest.get('targets'))})"]
+    return []
 
 
 def check_manifest(manifest: object, source: str, *, for_training: bool = False) -> None:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from kdcache.codecs import CodecName
 from kdcache.config import DEVICE_PATTERN, MAX_IMAGE_MB, MAX_IMAGE_PIXELS, DTypeName, TargetKind, check_fields
+from kdcache.errors import KdcacheError
 from kdcache.templates import TemplateName
 
 
@@ -69,6 +70,11 @@ class DumpConfig:
 
     def __post_init__(self) -> None:
         check_fields(self)
+        sampled = [role for role in ("response", "visual") if self.target_kind(role) == "sampled"]
+        if sampled and self.codec == "v1":
+            raise KdcacheError(f"--{sampled[0]}-targets sampled needs --codec lossless or compact: a sampled cache "
+                               "is format_version 3, and --codec v1 writes format 1 for older readers, which would "
+                               "train sampled rows with the top-k loss")
 
     def target_kind(self, role: str) -> str:
         """"topk" or "sampled": what the role's rows store."""

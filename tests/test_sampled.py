@@ -359,6 +359,60 @@ def test_a_bad_targets_entry_is_refused_in_one_line_naming_it(tiny_teacher_dir, 
     assert "\n" not in str(error.value)
 
 
+def test_a_sampled_cache_is_format_3_which_this_kdcache_reads_and_a_format_2_reader_refuses(
+        tiny_teacher_dir, toy_dataset, tmp_path, monkeypatch):
+    data, images = toy_dataset(count=2)
+    for codec in ("lossless", "compact"):
+        manifest = run_dump(tiny_teacher_dir, data, images, tmp_path / codec, codec=codec, **SAMPLED)
+        on_disk = json.loads((tmp_path / codec / schema.MANIFEST_NAME).read_text())
+        assert manifest["format_version"] == on_disk["format_version"] == schema.SAMPLED_VERSION == 3
+        reader = CacheReader(tmp_path / codec, verify=True, for_training=True)
+        assert len(list(reader)) == 2 and schema.target_kinds(reader.manifest)["visual"] == "sampled"
+    top_k = run_dump(tiny_teacher_dir, data, images, tmp_path / "topk", topk_response=6, topk_visual=8)
+    assert top_k["format_version"] == 2 and "targets" not in top_k
+    monkeypatch.setattr(schema, "FORMAT_VERSION", 2)          # a reader of formats 1-2 (its own check, unchanged)
+    with pytest.raises(CacheError) as caught:
+        CacheReader(tmp_path / "lossless")
+    assert str(caught.value) == (f"{tmp_path / 'lossless'}: cache format_version 3 is newer than this kdcache "
+                                 "understands (2); upgrade kdcache")
+    CacheReader(tmp_path / "topk")                               # ... which still reads a top-k cache
+
+
+@pytest.mark.parametrize("version, targets_entry, expected", [
+    (2, None, "sampled visual rows, which need format_version 3, not 2"),
+    (1, None, "sampled visual rows, which need format_version 3, not 1"),
+    (3, "absent", "format_version 3 is format 2 with sampled targets, but manifest 'targets' names no sampled"),
+    (3, {"response": {"kind": "topk", "k": 6}, "visual": {"kind": "topk", "k": 8}}, "names no sampled role"),
+    (4, None, "format_version 4 is newer than this kdcache understands (3); upgrade kdcache"),
+])
+def test_a_format_version_that_does_not_match_the_targets_is_refused_in_one_line(
+        tiny_teacher_dir, toy_dataset, tmp_path, version, targets_entry, expected):
+    data, images = toy_dataset(count=2)
+    manifest = run_dump(tiny_teacher_dir, data, images, tmp_path / "cache", **SAMPLED)
+    manifest["format_version"] = version
+    if version == 1:
+        del manifest["codec"], manifest["codecs"]
+    if targets_entry == "absent":
+        del manifest["targets"]
+    elif targets_entry is not None:
+        manifest["targets"] = targets_entry
+    faults = schema.manifest_faults(manifest, "cache")
+    assert len(faults) == 1 and expected in faults[0] and "\n" not in faults[0], faults
+    (tmp_path / "cache" / schema.MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(CacheError) as caught:
+        CacheReader(tmp_path / "cache")
+    assert expected in str(caught.value) and "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("role", ["response", "visual"])
+def test_sampled_targets_with_the_format_1_codec_are_refused_in_one_line(role):
+    with pytest.raises(KdcacheError) as caught:
+        DumpConfig(teacher="t", data="d.json", out="o", codec="v1", **{f"{role}_targets": "sampled"})
+    assert str(caught.value).startswith(f"--{role}-targets sampled needs --codec lossless or compact")
+    assert "\n" not in str(caught.value)
+    DumpConfig(teacher="t", data="d.json", out="o", codec="lossless", **{f"{role}_targets": "sampled"})
+
+
 def sampled_row_batch(logprob: float):
     """A record batch of one image sample whose visual rows are draws (a token repeated), one log-prob set."""
     rng = np.random.default_rng(0)
