@@ -55,6 +55,8 @@ from typing import Literal
 
 import numpy as np
 
+from kdcache import blas
+
 CodecName = Literal["v1", "lossless", "compact"]
 CODEC_NAMES = ("v1", "lossless", "compact")
 
@@ -283,7 +285,8 @@ def _lowrank_triangle(codes: np.ndarray, weights: np.ndarray, L: int) -> np.ndar
     if not len(weights):
         return np.zeros(L * (L + 1) // 2, np.float16)
     q = codes.astype(np.float32)                                        # (r, L)
-    with np.errstate(over="ignore", invalid="ignore"):                # beyond float16: inf, refused by the row checks
+    # one BLAS thread: a reader decodes one sample per worker, and idle BLAS threads spin (kdcache.blas)
+    with np.errstate(over="ignore", invalid="ignore"), blas.one_thread():   # beyond float16: inf, refused by row checks
         return ((q.T * weights) @ q)[_upper(L)].astype(np.float16)
 
 
