@@ -166,7 +166,13 @@ def describe_cache(cache, *, remote: RemoteConfig | None = None) -> str:
         f"template        {m.get('template', '?')} (version {m.get('template_version', 1)})",
         f"dataset         {dataset.get('source', '?')} ({dataset.get('fingerprint', '?')})",
     ]
+    kinds, targets = schema.target_kinds(m), m.get("targets") or {}
     for role in schema.ROLES:
+        if kinds[role] == "sampled":        # no tail: the draws come from the full distribution
+            lines.append(f"{role + ' sampled':<16}N = {topk[role]} draws per row (RS-KD, seed "
+                         f"{targets[role].get('seed', '?')}), temperature = {temperature.get(role, '?')}, "
+                         f"{rows.get(role, '?')} rows, trained with the unbiased KL estimate")
+            continue
         lines.append(f"{role + ' top-k':<16}k = {topk[role]}, temperature = {temperature.get(role, '?')}, "
                      f"{rows.get(role, '?')} rows, mean tail mass {_number(tail.get(role))}")
     lines += [
@@ -176,7 +182,7 @@ def describe_cache(cache, *, remote: RemoteConfig | None = None) -> str:
         f"relation        {stats.get('samples_with_relation', '?')} samples; "
         f"images {stats.get('samples_with_image', '?')} samples ({_human_bytes(stats.get('image_bytes'))} embedded)",
     ]
-    lines += _codec_lines(m, stats) + _fidelity_lines(m.get("fidelity"))
+    lines += _codec_lines(m, stats) + _fidelity_lines(m.get("fidelity"), kinds)
     skipped = m.get("skipped") or []
     lines.append(f"skipped         {len(skipped)} samples")
     lines += [f"  {s.get('sample_id')}: {s.get('reason')}" for s in skipped[:10]]
@@ -199,15 +205,18 @@ def _codec_lines(m: dict, stats: dict) -> list[str]:
     return lines
 
 
-def _fidelity_lines(fidelity: dict | None) -> list[str]:
-    """`describe_cache`'s fidelity report (`kdcache dump --fidelity-sample`), when the manifest has one."""
+def _fidelity_lines(fidelity: dict | None, kinds: dict) -> list[str]:
+    """`describe_cache`'s fidelity report (`kdcache dump --fidelity-sample`), when the manifest has one; a sampled
+    role's numbers are its loss's estimate for the teacher itself (`kdcache.fidelity`)."""
     if not fidelity:
         return []
     relation = fidelity["relation"]
     return [f"fidelity        {fidelity['num_samples']} samples, codec {fidelity['codec']}: loss KL of the teacher "
             "itself (nats per row)",
             *[f"  {role:<14}mean {_sci(fidelity[role]['kl_mean_nats'])}, max {_sci(fidelity[role]['kl_max_nats'])} "
-              f"over {fidelity[role]['rows']} rows" for role in schema.ROLES],
+              f"over {fidelity[role]['rows']} rows" + (" (sampled: the estimate over the draws)"
+                                                       if kinds[role] == "sampled" else "")
+              for role in schema.ROLES],
             f"  {'relation':<14}cosine to exact min {_number(relation['cosine_min'], 7)}, mean "
             f"{_number(relation['cosine_mean'], 7)} over {relation['samples']} samples"]
 

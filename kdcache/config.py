@@ -26,6 +26,11 @@ from kdcache.errors import KdcacheError
 
 C = TypeVar("C")
 
+# What a role's cached rows hold (`kdcache dump --visual-targets / --response-targets`; the manifest's `targets`):
+# the teacher's top-k, or N draws from its full distribution (RS-KD). Torch-free, for the configs and the schema.
+TargetKind = Literal["topk", "sampled"]
+TARGET_KINDS = typing.get_args(TargetKind)
+
 # The --dtype names (`models.resolve_dtype` maps them to torch dtypes); declared here, torch-free, for the configs.
 DTypeName = Literal["auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"]
 

@@ -55,7 +55,9 @@ class RowLimits:
     * `images_embedded`: image bytes present exactly on rows with an image (True), never (False);
     * `relation`: a relation exactly on rows with an image (True), never (False);
     * `codecs` (format 2: {column: codec}; None: format 1) and `topk` ({role: k}): how encoded columns
-      decode. Every check above runs on the decoded values, whatever the codec.
+      decode. Every check above runs on the decoded values, whatever the codec;
+    * `targets` ({role: {"kind", ...}}; None or a role without one: top-k): a sampled role's rows hold N
+      draws, so its ids may repeat within a row, and its log-probs must be finite (a drawn token has p > 0).
     """
 
     vocab_size: int | None = None
@@ -67,6 +69,12 @@ class RowLimits:
     relation: bool | None = None
     codecs: dict | None = None
     topk: dict | None = None
+    targets: dict | None = None
+
+    def sampled(self, role: str) -> bool:
+        """Whether the role's rows are sampled draws (the manifest's `targets`), not a top-k."""
+        entry = (self.targets or {}).get(role)
+        return isinstance(entry, dict) and entry.get("kind") == "sampled"
 
     @classmethod
     def from_manifest(cls, manifest: dict) -> RowLimits:
@@ -98,7 +106,8 @@ class DecodedBatch:
     * response_rows not strictly increasing within [0, T - 1) (row t predicts token t + 1);
     * top-k lists whose row counts are not len(response_rows) / visual_len; ids < 0 or >= vocab_size,
       or repeated within a row (when vocab_size is known); log-probs that are NaN or > 0 (-inf is
-      allowed: a token with no probability left in float16);
+      allowed: a token with no probability left in float16); for a sampled role (`RowLimits.targets`)
+      repeated ids are allowed (draws with replacement) and -inf is not (a drawn token has p > 0);
     * a relation that is non-finite, not L(L+1)/2 long, on a row without visual rows, without a
       finite relation_norm >= 0 (or a norm without relation), missing on an image row of a cache
       dumped with relations, present in a cache dumped without;
@@ -225,8 +234,9 @@ class DecodedBatch:
         self._response_rows(lengths[INPUT_IDS], lengths[RESPONSE_ROWS])
         for role in ROLES:
             ids_column, logprobs_column = TOPK_COLUMNS[role]
-            self._topk_ids(ids_column)
-            self._logprobs(logprobs_column)
+            sampled = self.limits.sampled(role)
+            self._topk_ids(ids_column, distinct=not sampled)
+            self._logprobs(logprobs_column, finite=sampled)
         self._relation_values(has_relation)
         for r, (data, digest) in enumerate(zip(self.image, self.image_sha256)):
             if data is not None and hashlib.sha256(data).digest() != digest:
@@ -326,11 +336,11 @@ class DecodedBatch:
         allowed = "[0, int32 max]" if limit is None else f"[0, {limit}) (the manifest's {key})"
         self._fail_values(bad, name, lambda r: f"holds ids outside {allowed}")
 
-    def _topk_ids(self, name: str) -> None:
+    def _topk_ids(self, name: str, *, distinct: bool = True) -> None:
         ids = self.ragged[name][1]                                     # (n, K)
         self._range(name, ids, self.limits.vocab_size, "vocab_size")
         n, k = ids.shape
-        if self.limits.vocab_size is None or k < 2 or not n:
+        if not distinct or self.limits.vocab_size is None or k < 2 or not n:
             return
         ordered = np.sort(ids, axis=1).reshape(-1)
         repeated = ordered[1:] == ordered[:-1]                         # neighbours in one contiguous pass
@@ -339,12 +349,16 @@ class DecodedBatch:
             self._fail_values(np.append(repeated, False).reshape(n, k), name,
                               lambda r: "repeats a token id within a row (a top-k lists distinct tokens)")
 
-    def _logprobs(self, name: str) -> None:
-        """Log-probs <= 0 and not NaN; -inf is allowed. Tested on float16 bit patterns (float16 ufuncs are slow)."""
+    def _logprobs(self, name: str, *, finite: bool = False) -> None:
+        """Log-probs <= 0 and not NaN; -inf is allowed unless `finite` (sampled draws). Tested on float16 bit
+        patterns (float16 ufuncs are slow)."""
         values = self.ragged[name][1]
+        bits = values.view(np.uint16)
+        if finite and values.size:
+            self._fail_values(bits == _F16_NEG_INF, name,
+                              lambda r: "holds -inf, but a sampled row's tokens were drawn (probability > 0)")
         if not values.size or values.view(np.int16).max() <= _F16_NEG_INF_AS_INT16:
             return       # the common case, one pass: all negative (or -0 / -inf), no NaN
-        bits = values.view(np.uint16)
         # allowed: +0 and 0x8000 ... 0xFC00 (-0 ... -inf); NaN (either sign) and > 0 are not
         self._fail_values((bits != 0) & ((bits < _F16_SIGN) | (bits > _F16_NEG_INF)), name,
                           lambda r: "holds NaN or values > 0 (expected log-probabilities)")

@@ -10,7 +10,8 @@ docs/design.md §5):
 
 * `L_reg`: next-token cross-entropy over the response rows;
 * `L_res`, `L_vis` (MDist): forward KL(p_teacher || q_student) per row against the cached
-  top-k, over response rows and visual rows;
+  top-k, over response rows and visual rows; for a role whose cache holds sampled draws (RS-KD), the
+  unbiased Monte-Carlo estimate of the full-vocabulary KL (`sampled_kl`);
 * `L_rel` (RDist): `1 - cos(vec R_s, vec R_t)` per sample with an image, where `R = Y Yᵀ` is the
   Gram matrix of the visual-row logits, computed as `H (WᵀW) Hᵀ` so the logits never exist.
 
@@ -18,7 +19,8 @@ Logits are only ever computed for the rows that need them, `chunk_rows` at a tim
 recomputed in backward (`row_losses`), so the student never holds a (B, T, V) float32 tensor.
 The common case (bucket tail, T = 1 when CE and KL share rows) runs through `_BucketRows`, whose
 hand-written backward reuses one (n, V) buffer in place; the rest runs `_chunk_losses` under
-activation checkpointing. Both give the same values and gradients.
+activation checkpointing. Both give the same values and gradients. Sampled rows run through
+`_SampledRows` the same way.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from kdcache.targets import (HALF_DTYPES, compute_dtype, gram_matrix, gram_weigh
                              unpack_upper, upcast, visual_len_of_packed)
 
 TAILS = ("bucket", "renorm")
+TARGET_KINDS = ("topk", "sampled")   # what a role's cached rows hold (the manifest's `targets`; absent: top-k)
 LOSS_NORMS = ("token", "sample")
 NO_TAIL = 1e-6   # teacher tail mass below this is float16 rounding of the stored log-probs, not signal
 
@@ -149,6 +152,28 @@ def dense_kl(student_logits: Tensor, teacher_logits: Tensor, *, temperature: flo
     log_q = F.log_softmax(upcast(student_logits) / temperature, dim=-1)     # (N, V)
     log_p = F.log_softmax(upcast(teacher_logits).to(log_q.dtype) / temperature, dim=-1)
     return F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1)
+
+
+def sampled_kl(student_logits: Tensor, sample_ids: Tensor, sample_logprobs: Tensor, *,
+               temperature: float = 1.0) -> Tensor:
+    """The Monte-Carlo estimate of the full-vocabulary KL(p || s) per row from N cached draws x_j ~ p (RS-KD):
+
+        KL̂ = (1/N) sum_j (log p(x_j) - log s(x_j)),   s = softmax(z / T) over the full vocabulary
+
+    unbiased for KL(p || s) = E_p[log p - log s], and so is its gradient: dKL̂/dz = (s - c/N) / T with c the
+    draws' counts per token, whose mean is (s - p) / T, the dense KL's gradient. The gradient does not use
+    the stored log p(x_j) at all (they only set the loss's value). The estimate of one row can be negative.
+
+    Draws of ids >= V (a teacher head padded past the student's: rows no token uses, ~never drawn) are
+    dropped from the sum (still divided by N). student_logits (n, V) any float dtype (raw, before T);
+    sample_ids (n, N) int64 >= 0, repeats allowed; sample_logprobs (n, N) log p(x_j) at the same T (float16
+    from a cache is fine) -> (n,) float32 (float64 for float64 logits). No T² factor, as `sparse_kl`.
+    """
+    z = upcast(student_logits) / temperature                                # (n, V)
+    keep = sample_ids < z.shape[-1]                                         # (n, N)
+    log_s = z.gather(-1, sample_ids.clamp(max=z.shape[-1] - 1)) - torch.logsumexp(z, dim=-1, keepdim=True)
+    terms = torch.where(keep, sample_logprobs.to(z.dtype) - log_s, 0.0)     # (n, N)
+    return terms.sum(-1) / sample_ids.shape[-1]
 
 
 # --- relation
@@ -300,13 +325,74 @@ def _chunk_logits(hidden: Tensor, lm_head_weight: Tensor, temperature: float, lo
 
 
 def _chunk_losses(hidden: Tensor, lm_head_weight: Tensor, lowered: Tensor | None, labels: Tensor | None,
-                  topk_ids: Tensor | None, topk_logprobs: Tensor | None, *, temperature: float, tail: str):
-    """CE and sparse KL of one chunk of rows through autograd (the general path beside `_BucketRows`)."""
-    logits = _chunk_logits(hidden, lm_head_weight, 1.0, lowered)            # (n, V); sparse_kl applies T
+                  topk_ids: Tensor | None, topk_logprobs: Tensor | None, *, temperature: float, tail: str,
+                  kind: str = "topk"):
+    """CE and KL of one chunk of rows through autograd (the general path beside `_BucketRows` / `_SampledRows`):
+    `sparse_kl` for top-k rows, `sampled_kl` for sampled ones."""
+    logits = _chunk_logits(hidden, lm_head_weight, 1.0, lowered)            # (n, V); the KL applies T
     ce = F.cross_entropy(logits, labels, reduction="none") if labels is not None else None
-    kl = (sparse_kl(logits, topk_ids, topk_logprobs, temperature=temperature, tail=tail)
-          if topk_ids is not None else None)
+    kl = None
+    if topk_ids is not None and kind == "sampled":
+        kl = sampled_kl(logits, topk_ids, topk_logprobs, temperature=temperature)
+    elif topk_ids is not None:
+        kl = sparse_kl(logits, topk_ids, topk_logprobs, temperature=temperature, tail=tail)
     return ce, kl
+
+
+def _head_grads(grad_logits: Tensor, hidden: Tensor, weight: Tensor, lowered: Tensor | None,
+                needs: tuple[bool, bool]) -> tuple[Tensor | None, Tensor | None]:
+    """dL/dhidden = dz W and dL/dW = dzᵀ hidden from dL/dz (n, V), float32 GEMMs or half operands (`lowered`)."""
+    grad_hidden = grad_weight = None
+    with torch.autocast(grad_logits.device.type, enabled=False):
+        if lowered is not None:                                              # half-operand GEMMs, float32 out
+            return _half_backward(grad_logits, hidden, lowered, needs, weight.dtype)
+        if needs[0]:
+            grad_hidden = (grad_logits @ weight.to(grad_logits.dtype)).to(hidden.dtype)     # (n, D)
+        if needs[1]:
+            grad_weight = (grad_logits.T @ hidden.to(grad_logits.dtype)).to(weight.dtype)   # (V, D)
+    return grad_hidden, grad_weight
+
+
+class _SampledRows(torch.autograd.Function):
+    """CE and the sampled KL estimate (`sampled_kl`) of one chunk of rows, backward written by hand (as
+    `_BucketRows`): one (n, V) buffer, per-row scalars saved, the logits recomputed in backward. With w = g_kl /
+    (T N) per kept draw and a = g_ce + w m (m = kept draws of the row), the gradient of g_ce CE + g_kl KL̂ is
+
+        dz_i = a s_i - w c_i - g_ce [i = y]          (c_i: how often token i was drawn)
+
+    Inputs as `_BucketRows` (CE and KL together only at T = 1). Returns (ce (n,), kl (n,)); a term not asked
+    for is an empty (0,) tensor.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, lm_head_weight, lowered, labels, sample_ids, sample_logprobs, temperature):
+        z = _chunk_logits(hidden, lm_head_weight, temperature, lowered)     # (n, V), overwritten below
+        v = z.shape[1]
+        z_label = z.gather(1, labels[:, None]).squeeze(1) if labels is not None else None
+        z_x = z.gather(1, sample_ids.clamp(max=v - 1))                       # (n, N)
+        pivot = z.amax(dim=1)                                                # (n,)
+        lse = pivot + z.sub_(pivot[:, None]).exp_().sum(dim=1).log()
+        ce = lse - z_label if labels is not None else lse.new_zeros(0)
+        terms = sample_logprobs.to(z.dtype) - (z_x - lse[:, None])
+        kl = torch.where(sample_ids < v, terms, 0.0).sum(dim=1) / sample_ids.shape[1]
+        ctx.temperature = temperature
+        ctx.save_for_backward(hidden, lm_head_weight, lowered, labels, sample_ids, lse)
+        return ce, kl
+
+    @staticmethod
+    def backward(ctx, g_ce, g_kl):
+        hidden, weight, lowered, labels, sample_ids, lse = ctx.saved_tensors
+        z = _chunk_logits(hidden, weight, ctx.temperature, lowered)         # (n, V): logits, then dL/dz
+        v, draws = z.shape[1], sample_ids.shape[1]
+        keep = sample_ids < v                                                # (n, N)
+        w = g_kl.to(z.dtype) / (ctx.temperature * draws)                     # (n,) per kept draw
+        a = w * keep.sum(dim=1) + (g_ce.to(z.dtype) if labels is not None else 0.0)
+        z.sub_(lse[:, None]).exp_().mul_(a[:, None])                         # a s
+        z.scatter_add_(1, sample_ids.clamp(max=v - 1), torch.where(keep, -w[:, None], 0.0))
+        if labels is not None:
+            z.scatter_add_(1, labels[:, None], -g_ce[:, None].to(z.dtype))
+        grad_hidden, grad_weight = _head_grads(z, hidden, weight, lowered, ctx.needs_input_grad[:2])
+        return grad_hidden, grad_weight, None, None, None, None, None
 
 
 class _BucketRows(torch.autograd.Function):
@@ -388,15 +474,7 @@ class _BucketRows(torch.autograd.Function):
             z.scatter_add_(1, ids, grad_k.masked_fill_(~keep, 0.0))
         if labels is not None:
             z.scatter_add_(1, labels[:, None], -g_ce[:, None].to(z.dtype))
-        grad_hidden = grad_weight = None
-        with torch.autocast(z.device.type, enabled=False):
-            if lowered is not None:                                          # half-operand GEMMs, float32 out
-                grad_hidden, grad_weight = _half_backward(z, hidden, lowered, ctx.needs_input_grad[:2], weight.dtype)
-            else:
-                if ctx.needs_input_grad[0]:
-                    grad_hidden = (z @ weight.to(z.dtype)).to(hidden.dtype)     # (n, D)
-                if ctx.needs_input_grad[1]:
-                    grad_weight = (z.T @ hidden.to(z.dtype)).to(weight.dtype)   # (V, D)
+        grad_hidden, grad_weight = _head_grads(z, hidden, weight, lowered, ctx.needs_input_grad[:2])
         return grad_hidden, grad_weight, None, None, None, None, None
 
 
@@ -413,8 +491,8 @@ def _fast_path(tail: str, with_ce: bool, topk_ids: Tensor | None, temperature: f
 
 def row_losses(hidden: Tensor, lm_head_weight: Tensor, *, labels: Tensor | None = None,
                topk_ids: Tensor | None = None, topk_logprobs: Tensor | None = None, temperature: float = 1.0,
-               tail: str = "bucket", chunk_rows: int = 512,
-               lowered: Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
+               tail: str = "bucket", chunk_rows: int = 512, lowered: Tensor | None = None,
+               kind: str = "topk") -> tuple[Tensor | None, Tensor | None]:
     """Per-row CE (T = 1) and sparse KL (temperature T) of `logits = hidden Wᵀ`, chunked.
 
     hidden (N, D), lm_head_weight (V, D) any float dtype; labels (N,) int64 or None; topk_ids,
@@ -428,21 +506,31 @@ def row_losses(hidden: Tensor, lm_head_weight: Tensor, *, labels: Tensor | None 
     tail (`_fold_out_of_range`). N = 0 gives empty (0,) tensors that are still attached to the graph
     (their sum has a grad). `lowered` (`lowered_head(W, torch.bfloat16)`) runs the LM-head GEMMs,
     forward and backward, on bf16 operands with float32 accumulation and output; None: float32 GEMMs.
+
+    kind="sampled": `topk_ids` / `topk_logprobs` hold N draws per row (repeats allowed) and the KL is the
+    Monte-Carlo estimate `sampled_kl` (`tail` does not apply); chunked the same way, through `_SampledRows`
+    (hand-written backward) unless CE and KL are both asked for at T != 1.
     """
     if (topk_ids is None) != (topk_logprobs is None):
         raise ValueError("topk_ids and topk_logprobs must be given together")
+    if kind not in TARGET_KINDS:
+        raise ValueError(f"kind must be one of {TARGET_KINDS}, got {kind!r}")
     if labels is None and topk_ids is None:
         return None, None
-    fn = functools.partial(_chunk_losses, temperature=temperature, tail=tail)
+    fn = functools.partial(_chunk_losses, temperature=temperature, tail=tail, kind=kind)
     recompute = torch.is_grad_enabled() and (hidden.requires_grad or lm_head_weight.requires_grad)
-    fast = _fast_path(tail, labels is not None, topk_ids, temperature, vocab_size=lm_head_weight.shape[0])
+    if kind == "sampled":
+        fast = topk_ids is None or labels is None or temperature == 1.0
+    else:
+        fast = _fast_path(tail, labels is not None, topk_ids, temperature, vocab_size=lm_head_weight.shape[0])
+    rows_fn = _SampledRows if kind == "sampled" and topk_ids is not None else _BucketRows
     ce_parts, kl_parts = [], []
     for start in range(0, max(hidden.shape[0], 1), chunk_rows):             # N = 0: one empty chunk
         rows = slice(start, start + chunk_rows)
         args = (hidden[rows], lm_head_weight, lowered, None if labels is None else labels[rows],
                 None if topk_ids is None else topk_ids[rows], None if topk_ids is None else topk_logprobs[rows])
         if fast:
-            ce, kl = _BucketRows.apply(*args, temperature)
+            ce, kl = rows_fn.apply(*args, temperature)
         else:
             ce, kl = checkpoint(fn, *args, use_reentrant=False) if recompute else fn(*args)
         ce_parts.append(ce)
@@ -488,7 +576,8 @@ def _relation_term(hidden: Tensor, lm_head_weight: Tensor, batch: dict, gram: Te
 def distill_loss(hidden: Tensor, lm_head_weight: Tensor, batch: dict, *, alpha: float = 1.0, beta: float = 1.0,
                  gamma: float = 0.5, temperature_response: float = 1.0, temperature_visual: float = 1.0,
                  tail: str = "bucket", loss_norm: str = "token", chunk_rows: int = 512,
-                 gram: Tensor | None = None, matmul_dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+                 gram: Tensor | None = None, matmul_dtype: torch.dtype | None = None,
+                 kinds: dict | None = None) -> dict[str, Tensor]:
     """The LLaVA-KD loss of one batch: `L = L_reg + alpha L_res + beta L_vis + gamma L_rel`.
 
     hidden (B, T, D) final (post-norm) student hidden states, any float dtype; lm_head_weight
@@ -497,6 +586,10 @@ def distill_loss(hidden: Tensor, lm_head_weight: Tensor, batch: dict, *, alpha: 
     the trainer's once-per-step Gram does); otherwise it is computed here, with grad.
     `matmul_dtype` (torch.bfloat16: the trainer on CUDA) multiplies the LM head in that dtype with
     float32 accumulation (`lowered_head`); None keeps every GEMM float32 (the CPU path).
+
+    `kinds` ({role: "topk" | "sampled"}, `schema.target_kinds` of the cache's manifest; None or a missing role:
+    "topk") says what each role's cached rows hold: a top-k row's KL is `sparse_kl` (with `tail`), a sampled
+    row's the unbiased estimate `sampled_kl`.
 
     loss_norm="token" averages CE and each KL over all rows of the batch; "sample" averages
     each sample's mean over its rows (samples without such rows left out). L_rel is a mean over
@@ -508,6 +601,9 @@ def distill_loss(hidden: Tensor, lm_head_weight: Tensor, batch: dict, *, alpha: 
     """
     if tail not in TAILS or loss_norm not in LOSS_NORMS:
         raise ValueError(f"tail must be in {TAILS} and loss_norm in {LOSS_NORMS}, got {tail!r}, {loss_norm!r}")
+    kinds = kinds or {}
+    if any(kind not in TARGET_KINDS for kind in kinds.values()):
+        raise ValueError(f"kinds must map roles to one of {TARGET_KINDS}, got {kinds!r}")
     batch_size = hidden.shape[0]
     zero = torch.zeros((), dtype=torch.float32, device=hidden.device)
     distill = "response_topk_ids" in batch
@@ -519,7 +615,8 @@ def distill_loss(hidden: Tensor, lm_head_weight: Tensor, batch: dict, *, alpha: 
     ce, kl = row_losses(hidden[r_index[:, 0], r_index[:, 1]], lm_head_weight, labels=batch["response_labels"],
                         topk_ids=batch["response_topk_ids"] if with_kl else None,
                         topk_logprobs=batch["response_topk_logprobs"] if with_kl else None,
-                        temperature=temperature_response, tail=tail, chunk_rows=chunk_rows, lowered=lowered)
+                        temperature=temperature_response, tail=tail, chunk_rows=chunk_rows, lowered=lowered,
+                        kind=kinds.get("response", "topk"))
     terms["ce"] = _reduce(ce, r_index[:, 0], loss_norm, batch_size)
     if with_kl:
         terms["kl_response"] = _reduce(kl, r_index[:, 0], loss_norm, batch_size)
@@ -527,7 +624,8 @@ def distill_loss(hidden: Tensor, lm_head_weight: Tensor, batch: dict, *, alpha: 
         v_index = batch["visual_index"]                                      # (N_v, 2) [b, t]
         _, kl = row_losses(hidden[v_index[:, 0], v_index[:, 1]], lm_head_weight,
                            topk_ids=batch["visual_topk_ids"], topk_logprobs=batch["visual_topk_logprobs"],
-                           temperature=temperature_visual, tail=tail, chunk_rows=chunk_rows, lowered=lowered)
+                           temperature=temperature_visual, tail=tail, chunk_rows=chunk_rows, lowered=lowered,
+                           kind=kinds.get("visual", "topk"))
         terms["kl_visual"] = _reduce(kl, v_index[:, 0], loss_norm, batch_size)
     relation_index = batch.get("relation_index")                             # (S,) or absent
     if distill and gamma != 0 and relation_index is not None and relation_index.numel() > 0:

@@ -16,11 +16,14 @@ import re
 import pyarrow as pa
 
 from kdcache import codecs
+from kdcache.config import TARGET_KINDS
 from kdcache.errors import CacheError
 
 FORMAT = "kdcache"
-FORMAT_VERSION = 2          # the newest this kdcache reads and writes; `kdcache dump --codec v1` writes version 1
+FORMAT_VERSION = 3          # the newest this kdcache reads and writes; `kdcache dump --codec v1` writes version 1
 V1 = 1                      # format 1: every column a plain Arrow type (no `codecs` in the manifest)
+V2 = 2                      # format 2: per-column codecs (`codec`, `codecs`), top-k targets
+SAMPLED_VERSION = 3         # format 3 = format 2 + `targets` with a sampled role (docs/decisions.md, "Format 3")
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_SEAL_NAME = "manifest.sha256"   # sha256sum's line for manifest.json, written just before it (its seal)
@@ -83,6 +86,30 @@ def column_codecs(codec: str) -> dict[str, str] | None:
     if codec not in codecs.PRESETS:
         raise ValueError(f"unknown codec {codec!r} (expected one of {', '.join(codecs.CODEC_NAMES)})")
     return {column: codecs.PRESETS[codec][kind] for column, kind in ENCODED.items()}
+
+
+def target_kinds(manifest: dict) -> dict[str, str]:
+    """{role: "topk" | "sampled"} of a checked manifest: its `targets` (docs/design.md §4); absent: top-k for both
+    (every cache dumped before sampled targets existed, and every top-k dump since)."""
+    found = manifest.get("targets") or {}
+    return {role: found.get(role, {}).get("kind", "topk") for role in ROLES}
+
+
+def targets_entry(kinds: dict[str, str], widths: dict[str, int], seed: int) -> dict:
+    """The manifest's `targets` of a dump: per role {"kind": "topk", "k": k} or {"kind": "sampled", "draws": N,
+    "seed": seed}; `widths` are the rows' widths (k or N, the manifest's `topk`)."""
+    return {role: {"kind": "topk", "k": widths[role]} if kinds[role] == "topk"
+            else {"kind": "sampled", "draws": widths[role], "seed": seed} for role in ROLES}
+
+
+def format_version(column_codecs: dict[str, str] | None, targets: dict | None) -> int:
+    """The format_version a cache is written with: 1 without column codecs (`--codec v1`), 3 when a role holds
+    sampled targets (a reader that ignores `targets` would train it with the top-k loss: it must refuse it),
+    else 2."""
+    if column_codecs is None:
+        return V1
+    sampled = any(isinstance(entry, dict) and entry.get("kind") == "sampled" for entry in (targets or {}).values())
+    return SAMPLED_VERSION if sampled else V2
 
 
 def manifest_codecs(manifest: dict) -> dict[str, str] | None:
@@ -167,7 +194,8 @@ def manifest_faults(manifest: object, source: str, *, for_training: bool = False
     for key, (valid, expected) in _MANIFEST_FIELDS.items():
         if key in manifest and not valid(manifest[key]):
             faults.append(f"{source}: manifest {key!r} must be {expected}, got {_show(manifest[key])}")
-    faults += _vocabulary_faults(manifest, source) + _codec_faults(manifest, source, version)
+    faults += (_vocabulary_faults(manifest, source) + _codec_faults(manifest, source, version)
+               + _targets_faults(manifest, source) + _sampled_version_faults(manifest, source, version))
     shards = manifest.get("shards")
     seen: dict[str, int] = {}
     for i, entry in enumerate(shards if isinstance(shards, list) else []):
@@ -196,8 +224,11 @@ def _vocabulary_faults(manifest: dict, source: str) -> list[str]:
         if _count(manifest.get(key)) and manifest[key] >= limit:
             faults.append(f"{source}: manifest {key!r} is {manifest[key]}, outside the vocabulary ({name} {limit})")
     topk = manifest.get("topk")
+    found = manifest.get("targets") if isinstance(manifest.get("targets"), dict) else {}
+    sampled = {role for role, entry in found.items()
+               if isinstance(entry, dict) and entry.get("kind") == "sampled"}   # N draws may exceed V
     for role in ROLES if _MANIFEST_FIELDS["topk"][0](topk) else ():
-        if topk[role] > vocab:
+        if role not in sampled and topk[role] > vocab:
             faults.append(f"{source}: manifest 'topk' {role} is {topk[role]}, more than vocab_size {vocab}")
     return faults
 
@@ -214,6 +245,50 @@ def _codec_faults(manifest: dict, source: str, version: int) -> list[str]:
     return [f"{source}: manifest 'codecs' {column!r} is {_show(name)}, expected one of "
             f"{list(codecs.KIND_CODECS[ENCODED[column]])}"
             for column, name in sorted(found.items()) if name not in codecs.KIND_CODECS[ENCODED[column]]]
+
+
+def _targets_faults(manifest: dict, source: str) -> list[str]:
+    """`targets` (absent: top-k for both roles) maps each role to {"kind": "topk", "k": k} or {"kind": "sampled",
+    "draws": N[, "seed": s]}, k or N equal to the role's row width `topk`."""
+    if "targets" not in manifest:
+        return []
+    found, topk = manifest["targets"], manifest.get("topk")
+    if not isinstance(found, dict) or set(found) != set(ROLES):
+        return [f"{source}: manifest 'targets' must map exactly {list(ROLES)} to target entries, got {_show(found)}"]
+    widths = topk if _MANIFEST_FIELDS["topk"][0](topk) else {}
+    faults = []
+    for role in ROLES:
+        entry, where = found[role], f"{source}: manifest 'targets' {role!r}"
+        if not isinstance(entry, dict) or entry.get("kind") not in TARGET_KINDS:
+            faults.append(f"{where} must be an object whose 'kind' is one of {list(TARGET_KINDS)}, got {_show(entry)}")
+            continue
+        size = "k" if entry["kind"] == "topk" else "draws"
+        if not _size(entry.get(size)):
+            faults.append(f"{where} {size!r} must be a positive int, got {_show(entry.get(size))}")
+        elif role in widths and entry[size] != widths[role]:
+            faults.append(f"{where} {size!r} is {entry[size]}, but its rows hold {widths[role]} entries "
+                          f"(manifest 'topk' {role})")
+        if entry["kind"] == "sampled" and "seed" in entry and not _count(entry["seed"], 2 ** 63 - 1):
+            faults.append(f"{where} 'seed' must be a non-negative int, got {_show(entry['seed'])}")
+    return faults
+
+
+def _sampled_version_faults(manifest: dict, source: str, version: int) -> list[str]:
+    """Sampled targets exactly in format 3: a sampled role under 1 or 2 is a cache an older reader would train
+    with the top-k loss; format 3 without one is not what any kdcache writes."""
+    found = manifest.get("targets", {role: {"kind": "topk"} for role in ROLES})      # absent: top-k
+    if not (isinstance(found, dict) and set(found) == set(ROLES)
+            and all(isinstance(entry, dict) and entry.get("kind") in TARGET_KINDS for entry in found.values())):
+        return []                                                 # malformed: `_targets_faults` names it
+    sampled = [role for role in ROLES if found[role]["kind"] == "sampled"]
+    if sampled and version != SAMPLED_VERSION:
+        return [f"{source}: manifest 'targets' has sampled {' and '.join(sampled)} rows, which need "
+                f"format_version {SAMPLED_VERSION}, not {version} (a reader of format {version} would train them "
+                "with the top-k loss)"]
+    if not sampled and version == SAMPLED_VERSION:
+        return [f"{source}: format_version {SAMPLED_VERSION} is format 2 with sampled targets, but manifest "
+                f"'targets' names no sampled role (got {_show(manifest.get('targets'))})"]
+    return []
 
 
 def check_manifest(manifest: object, source: str, *, for_training: bool = False) -> None:

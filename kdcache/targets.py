@@ -2,7 +2,8 @@
 
 Pure torch, float32 inside. Two quantities (docs/design.md §3):
 
-* per row t, the top-k ids and log-probs of `log_softmax(h_t Wᵀ / T)` over the full vocabulary;
+* per row t, the top-k ids and log-probs of `log_softmax(h_t Wᵀ / T)` over the full vocabulary, or
+  (sampled targets, RS-KD) N draws from that distribution and their log-probs (`sampled_logprobs`);
 * per sample with an image, the visual-logit Gram matrix `R = Y Yᵀ` with `Y = H Wᵀ` the
   `visual_len x V` visual logits, computed as `R = H (WᵀW) Hᵀ` so that `Y` never exists, and
   stored divided by its Frobenius norm as a packed upper triangle in float16.
@@ -18,6 +19,7 @@ default); with TF32 on, logits lose ~3 decimal digits.
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
@@ -130,6 +132,54 @@ def topk_logprobs(hidden: Tensor, lm_head_weight: Tensor, *, k: int, temperature
             top, top_ids = logits.topk(k, dim=-1, sorted=True)               # (n, K)
             logprobs[start: start + chunk_rows] = top - torch.logsumexp(logits, dim=-1, keepdim=True)
             ids[start: start + chunk_rows] = top_ids
+    return ids, logprobs
+
+
+# --- sampled targets (RS-KD)
+
+
+def draw_seed(seed: int, sample_id: str, role: str) -> int:
+    """The seed of one sample's draws for one role: a 64-bit mix (sha256) of the dump's seed, the role and the
+    sample id, so that draws do not depend on batch composition, rank, world size or resume (docs/design.md §4)."""
+    digest = hashlib.sha256(f"kdcache-draws\0{int(seed)}\0{role}\0{sample_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+@torch.no_grad()
+def sampled_logprobs(hidden: Tensor, lm_head_weight: Tensor, *, draws: int, temperature: float = 1.0,
+                     generator: torch.Generator | None = None, chunk_rows: int = 256) -> tuple[Tensor, Tensor]:
+    """`draws` independent draws per row from the teacher's full distribution, and their log-probabilities.
+
+        log p_t = log_softmax(h_t Wᵀ / T)                            over the full vocabulary V
+        x_t1 ... x_tN ~ p_t   i.i.d. (torch.multinomial, replacement=True, `generator`)
+        ids_t = x_t, logprobs_t = log p_t(x_t)   ordered by descending log-prob, ties by ascending id
+
+    so a token drawn twice appears twice, side by side (the top-k order, so the log-prob codecs apply).
+    hidden (n, D), lm_head_weight (V, D) any float dtype -> ids (n, N) int64, logprobs (n, N) float32
+    (float64 for float64 inputs); the logits are those of `topk_logprobs` (`head_logits`), `chunk_rows` rows
+    at a time. n = 0 gives (0, N) outputs. The draws are reproducible for a given generator seed, device type
+    and torch version, and the same logits (docs/decisions.md, "Sampled targets").
+    """
+    n, d = hidden.shape
+    v, d_w = lm_head_weight.shape
+    if d != d_w:
+        raise ValueError(f"hidden size {d} does not match lm_head_weight {tuple(lm_head_weight.shape)}")
+    if draws < 1 or temperature <= 0:
+        raise ValueError(f"draws must be >= 1 and temperature > 0, got {draws} and {temperature}")
+    dtype = compute_dtype(hidden, lm_head_weight)
+    ids = torch.empty(n, draws, dtype=torch.long, device=hidden.device)      # (n, N) int64
+    logprobs = torch.empty(n, draws, dtype=dtype, device=hidden.device)      # (n, N) float32
+    with torch.autocast(hidden.device.type, enabled=False):
+        for start in range(0, n, chunk_rows):
+            logits = head_logits(hidden[start: start + chunk_rows], lm_head_weight)   # (c, V)
+            if temperature != 1.0:
+                logits /= temperature
+            logits -= torch.logsumexp(logits, dim=-1, keepdim=True)              # log p, in place
+            drawn = torch.multinomial(logits.exp(), draws, replacement=True, generator=generator)   # (c, N)
+            drawn = drawn.sort(dim=-1).values                                    # ascending id first ...
+            values, order = logits.gather(-1, drawn).sort(dim=-1, descending=True, stable=True)
+            ids[start: start + chunk_rows] = drawn.gather(-1, order)             # ... then by descending log p
+            logprobs[start: start + chunk_rows] = values.clamp_(max=0.0)         # a rounding hair above 0
     return ids, logprobs
 
 

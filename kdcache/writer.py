@@ -285,7 +285,7 @@ def finalize_cache(cache_dir, manifest: dict) -> dict:
     merged = {
         **{key: value for key, value in manifest.items() if key not in ("codec", "codecs")},
         "format": schema.FORMAT,
-        "format_version": schema.V1 if column_codecs is None else schema.FORMAT_VERSION,
+        "format_version": schema.format_version(column_codecs, manifest.get("targets")),
         **({} if column_codecs is None else {"codec": codec, "codecs": column_codecs}),
         "topk": _merged_topk(cache_dir, manifest, parts),
         "num_samples": len(where),

@@ -27,7 +27,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from kdcache import compat, distributed, lock, losses, models, samples, targets, templates
+from kdcache import compat, distributed, lock, losses, models, samples, schema, targets, templates
 from kdcache.batches import CacheDataset, JsonDataset, StatefulLoader
 from kdcache.errors import KdcacheError
 from kdcache.reader import CacheReader
@@ -49,11 +49,13 @@ class StudentLoss(torch.nn.Module):
     head, `start_micro_batch` makes G = WᵀW once per optimizer step (`losses.StepGram`).
     """
 
-    def __init__(self, model, cfg: TrainConfig, temperatures: dict, gram: torch.Tensor | None):
+    def __init__(self, model, cfg: TrainConfig, temperatures: dict, gram: torch.Tensor | None,
+                 kinds: dict | None = None):
         super().__init__()
         self.model = model
         self.cfg = cfg
         self.temperatures = temperatures
+        self.kinds = kinds          # role -> "topk" | "sampled": the cache's targets (None: top-k), picks each KL
         self.gram = gram            # (D, D) when the LM head is frozen, else computed with grad (once per step)
         self.sharded = False        # set by shard_with_fsdp: every rank must then produce the same gradients
         device = next(model.parameters()).device
@@ -82,7 +84,7 @@ class StudentLoss(torch.nn.Module):
             alpha=weight * self.cfg.alpha, beta=weight * self.cfg.beta, gamma=weight * self.cfg.gamma,
             temperature_response=self.temperatures["response"], temperature_visual=self.temperatures["visual"],
             tail=self.cfg.tail, loss_norm=self.cfg.loss_norm, chunk_rows=self.cfg.chunk_rows, gram=gram,
-            matmul_dtype=self.matmul_dtype)
+            matmul_dtype=self.matmul_dtype, kinds=self.kinds)
         if per_step:                # the backward must reach G even without a relation term (StepGram)
             out["loss"] = out["loss"] + 0.0 * gram.sum()
         if torch.is_grad_enabled() and batch["pixel_values"] is None and (self.sharded or not out["loss"].requires_grad):
@@ -125,7 +127,7 @@ def run_stage(cfg: TrainConfig, topo, device: torch.device, run_dir: Path, setti
     bundle = models.load_bundle(cfg.student, trust_remote_code=cfg.trust_remote_code)
     model = prepare_student(bundle.model.to(device), cfg)
     loader, temperatures, total_steps = setup_data(cfg, bundle, topo, settings)
-    student_loss = StudentLoss(model, cfg, temperatures, frozen_head_gram(model, cfg))
+    student_loss = StudentLoss(model, cfg, temperatures, frozen_head_gram(model, cfg), kinds=target_kinds(loader))
     wrapped = distribute(student_loss, cfg, topo, device)          # FSDP shards before the optimizer sees params
     trainable = [p for p in student_loss.parameters() if p.requires_grad]
     optimizer, scheduler = setup_optimizer(trainable, cfg, total_steps)
@@ -250,6 +252,12 @@ def setup_data(cfg: TrainConfig, bundle: models.Bundle, topo, settings: dict) ->
     if isinstance(dataset, CacheDataset):
         dataset.prefetch(sampler)     # a cache URL: its next shards in this rank's order, in the background
     return loader, temperatures, total_steps
+
+
+def target_kinds(loader: StatefulLoader) -> dict | None:
+    """{role: "topk" | "sampled"} of the cache trained from (its manifest's `targets`), None for --data."""
+    reader = getattr(loader.loader.dataset, "reader", None)
+    return None if reader is None else schema.target_kinds(reader.manifest)
 
 
 def cache_identity(loader: StatefulLoader) -> str | None:

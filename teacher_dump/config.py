@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from kdcache.codecs import CodecName
-from kdcache.config import DEVICE_PATTERN, MAX_IMAGE_MB, MAX_IMAGE_PIXELS, DTypeName, check_fields
+from kdcache.config import DEVICE_PATTERN, MAX_IMAGE_MB, MAX_IMAGE_PIXELS, DTypeName, TargetKind, check_fields
+from kdcache.errors import KdcacheError
 from kdcache.templates import TemplateName
 
 
@@ -26,6 +27,15 @@ class DumpConfig:
     temperature_response: float = field(default=1.0, metadata={
         "help": "Softmax temperature at response rows.", "gt": 0})
     temperature_visual: float = field(default=1.0, metadata={"help": "Softmax temperature at visual rows.", "gt": 0})
+    response_targets: TargetKind = field(default="topk", metadata={
+        "help": "What response rows store: the teacher's top-k, or --draws tokens sampled from its full "
+                "distribution (RS-KD, trained with the unbiased KL estimate)."})
+    visual_targets: TargetKind = field(default="topk", metadata={
+        "help": "What visual rows store: topk or sampled (as --response-targets)."})
+    draws: int = field(default=16, metadata={
+        "help": "Tokens sampled per row (with replacement) for a role with sampled targets.", "ge": 1})
+    seed: int = field(default=0, metadata={
+        "help": "Seed of the sampled targets' draws (with each sample id: reproducible and resumable).", "ge": 0})
     relation: bool = field(default=True, metadata={"help": "Store relation matrices."})
     embed_images: bool = field(default=True, metadata={"help": "Embed image bytes in the cache."})
     codec: CodecName = field(default="lossless", metadata={
@@ -60,3 +70,18 @@ class DumpConfig:
 
     def __post_init__(self) -> None:
         check_fields(self)
+        sampled = [role for role in ("response", "visual") if self.target_kind(role) == "sampled"]
+        if sampled and self.codec == "v1":
+            raise KdcacheError(f"--{sampled[0]}-targets sampled needs --codec lossless or compact: a sampled cache "
+                               "is format_version 3, and --codec v1 writes format 1 for older readers, which would "
+                               "train sampled rows with the top-k loss")
+
+    def target_kind(self, role: str) -> str:
+        """"topk" or "sampled": what the role's rows store."""
+        return self.response_targets if role == "response" else self.visual_targets
+
+    def row_width(self, role: str) -> int:
+        """Entries per row of the role (the manifest's `topk`): its k for top-k, --draws for sampled targets."""
+        if self.target_kind(role) == "sampled":
+            return self.draws
+        return self.topk_response if role == "response" else self.topk_visual

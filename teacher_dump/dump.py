@@ -49,7 +49,7 @@ from teacher_dump.config import DumpConfig
 
 # What a resumed dump must match: the manifest fields that decide the cache's content.
 RUN_KEYS = ("teacher", "tokenizer", "visual_len", "template", "template_version", "max_length", "topk",
-            "temperature", "relation", "images_embedded", "dataset")
+            "temperature", "relation", "images_embedded", "dataset", "targets")
 
 # How far the background stages reach (docs/design.md §9): batches prepared ahead of the teacher, batches of
 # targets waiting for the writer, and threads reading and decoding images (each up to 2 samples ahead).
@@ -112,6 +112,7 @@ class BatchTargets:
 
     samples: list[Prepared]
     topk: dict                  # role -> (ids (N, K) int32, logprobs (N, K) float16) over the batch's rows
+                                # (a sampled role: K = --draws draws per row)
     counts: dict                # role -> rows per sample
     relations: list             # per sample: (packed (P,) float16, norm () float64), or None
     ready: object               # a torch.cuda.Event after the copies to the host (None on the CPU)
@@ -144,7 +145,8 @@ def run_dump(cfg: DumpConfig, topo, out: Path) -> dict | None:
 
     # --- dump
     desc = f"dump {out.name}" + (f" rank 0/{topo.world_size}" if topo.world_size > 1 else "")
-    fidelity = Fidelity(cfg.fidelity_sample, cfg.codec) if cfg.fidelity_sample else None
+    kinds = {role: cfg.target_kind(role) for role in schema.ROLES}
+    fidelity = Fidelity(cfg.fidelity_sample, cfg.codec, kinds=kinds) if cfg.fidelity_sample else None
     with open_writer(cfg, topo.rank) as writer:
         skipped = dump_records(teacher, records, cfg, writer, progress=cfg.progress and topo.is_main, desc=desc,
                                fidelity=fidelity)
@@ -257,7 +259,8 @@ def load_teacher(cfg: DumpConfig, device: torch.device, dtype: torch.dtype) -> t
             "never trained): train it with `kdcache train --stage pt` then `--stage sft`, "
             "or pass --allow-untrained to dump it anyway")
     vocab_size = models.lm_head_weight(bundle.model).shape[0]
-    if max(cfg.topk_response, cfg.topk_visual) > vocab_size:
+    topk = [cfg.row_width(role) for role in schema.ROLES if cfg.target_kind(role) == "topk"]   # draws may exceed V
+    if topk and max(topk) > vocab_size:
         raise KdcacheError(f"top-k ({cfg.topk_response}, {cfg.topk_visual}) exceeds the teacher's vocabulary ({vocab_size})")
     if len(bundle.tokenizer) > vocab_size:     # a head may be padded past its tokenizer, never short of it
         raise KdcacheError(f"teacher {cfg.teacher!r} has {vocab_size} LM-head rows but its tokenizer has "
@@ -286,7 +289,8 @@ def run_description(cfg: DumpConfig, bundle: models.Bundle, teacher: Teacher, wo
         "template_version": templates.dump_template_version(bundle.template_version, cfg.template,
                                                             teacher=bundle.source),
         "max_length": cfg.max_length,
-        "topk": {"response": cfg.topk_response, "visual": cfg.topk_visual},
+        "topk": {role: cfg.row_width(role) for role in schema.ROLES},      # entries per row: k, or N draws
+        **dump_targets(cfg),
         "temperature": {"response": cfg.temperature_response, "visual": cfg.temperature_visual},
         "relation": cfg.relation,
         "images_embedded": cfg.embed_images,
@@ -296,9 +300,19 @@ def run_description(cfg: DumpConfig, bundle: models.Bundle, teacher: Teacher, wo
     }
 
 
+def dump_targets(cfg: DumpConfig) -> dict:
+    """The manifest's `targets` when a role is sampled (`schema.targets_entry`); nothing for a top-k-only dump,
+    whose manifest is as before sampled targets existed (absent `targets` = top-k)."""
+    kinds = {role: cfg.target_kind(role) for role in schema.ROLES}
+    if all(kind == "topk" for kind in kinds.values()):
+        return {}
+    return {"targets": schema.targets_entry(kinds, {role: cfg.row_width(role) for role in schema.ROLES}, cfg.seed)}
+
+
 def check_or_record_run(out: Path, run: dict) -> None:
-    """A resumed dump must be the same dump: same teacher, data, template, k and temperatures."""
-    wanted = {k: run[k] for k in RUN_KEYS}
+    """A resumed dump must be the same dump: same teacher, data, template, k, temperatures and targets (a
+    run record without `targets` is a top-k dump's)."""
+    wanted = {k: run.get(k) for k in RUN_KEYS}
     path = out / schema.PARTS_DIR / schema.RUN_FILE
     has_shards = any(schema.parse_shard_name(p.name) for p in out.iterdir())
     if path.exists():
@@ -340,7 +354,7 @@ def finalize(out: Path, run: dict, cfg: DumpConfig, num_records: int, skipped: l
 
 def open_writer(cfg: DumpConfig, rank: int) -> ShardWriter:
     """This rank's shard writer for `cfg.out` (a context manager: a failure discards the open shard)."""
-    return ShardWriter(cfg.out, rank=rank, k_response=cfg.topk_response, k_visual=cfg.topk_visual,
+    return ShardWriter(cfg.out, rank=rank, k_response=cfg.row_width("response"), k_visual=cfg.row_width("visual"),
                        shard_size_bytes=int(cfg.shard_size_mb * (1 << 20)), codec=cfg.codec)
 
 
@@ -451,9 +465,9 @@ def teacher_targets(batch: PreparedBatch, teacher: Teacher, cfg: DumpConfig,
     response = [hidden[b, to_device(rows)] for b, rows in enumerate(inputs["response_rows"])]      # (R_b, D)
     visual = [hidden[b, p.sequence.visual_start: p.sequence.visual_start + p.sequence.visual_len]
               for b, p in enumerate(batch.samples)]                                               # (L_b, D)
-    topk = {"response": batch_topk(response, teacher.lm_head, cfg.topk_response, cfg.temperature_response,
-                                   cfg.chunk_rows),
-            "visual": batch_topk(visual, teacher.lm_head, cfg.topk_visual, cfg.temperature_visual, cfg.chunk_rows)}
+    sample_ids = [p.sample_id for p in batch.samples]
+    topk = {role: role_targets(role, rows, sample_ids, teacher, cfg)
+            for role, rows in (("response", response), ("visual", visual))}
     exact = [targets.relation_from_hidden(visual[b], teacher.gram)
              if teacher.gram is not None and p.sequence.visual_len > 0 else None
              for b, p in enumerate(batch.samples)]                                               # (L_b, L_b)
@@ -486,6 +500,32 @@ def measure_fidelity(fidelity: Fidelity, teacher: Teacher, cfg: DumpConfig, rows
         if relations[b] is not None:
             fidelity.add_relation(relations[b][0], exact[b])
     fidelity.seen += count
+
+
+def role_targets(role: str, rows: list[torch.Tensor], sample_ids: list[str], teacher: Teacher, cfg: DumpConfig):
+    """One role's targets over the batch's rows (`rows`: (R_b, D) per sample): top-k or sampled draws, as
+    (ids int32, logprobs float16), (N, K) each, on the rows' device."""
+    temperature = cfg.temperature_response if role == "response" else cfg.temperature_visual
+    if cfg.target_kind(role) == "topk":
+        return batch_topk(rows, teacher.lm_head, cfg.row_width(role), temperature, cfg.chunk_rows)
+    return batch_sampled(rows, sample_ids, teacher.lm_head, draws=cfg.draws, temperature=temperature,
+                         seed=cfg.seed, role=role, chunk_rows=cfg.chunk_rows)
+
+
+def batch_sampled(rows: list[torch.Tensor], sample_ids: list[str], weight: torch.Tensor, *, draws: int,
+                  temperature: float, seed: int, role: str, chunk_rows: int):
+    """`draws` tokens per row from the teacher's full distribution (`targets.sampled_logprobs`), each sample's
+    rows under its own generator seeded by (seed, role, sample id) (`targets.draw_seed`): the draws of a sample
+    do not depend on its batch, rank or a resume. -> (ids int32, logprobs float16), (N, draws) each."""
+    parts = []
+    for sample_id, sample_rows in zip(sample_ids, rows):
+        generator = torch.Generator(device=sample_rows.device)
+        generator.manual_seed(targets.draw_seed(seed, sample_id, role))
+        parts.append(targets.sampled_logprobs(sample_rows, weight, draws=draws, temperature=temperature,
+                                              generator=generator, chunk_rows=chunk_rows))
+    ids = torch.cat([p[0] for p in parts])                                   # (N, draws) int64
+    logprobs = torch.cat([p[1] for p in parts])                              # (N, draws) float32
+    return ids.to(torch.int32), logprobs.to(torch.float16)
 
 
 def batch_topk(rows: list[torch.Tensor], weight: torch.Tensor, k: int, temperature: float, chunk_rows: int):

@@ -28,9 +28,20 @@ ALL_CODECS = ("v1", "lossless", "compact")
 # compact's documented bounds (docs/design.md §4), written out here rather than read from kdcache.codecs
 LOGQ8_HALF_STEP = 1 / 32          # nats, within LOGQ8_RANGE of the row's largest log-prob
 LOGQ8_RANGE = 15.875              # nats below it: further down, the value decodes to largest - LOGQ8_RANGE
+LOWRANK_COSINE = 0.9995           # lowrank8: cosine of the decoded relation to the one encoded
+LOWRANK_QUANT_SHARE = 0.1         # lowrank8: share of the error energy 1 - cos² left for quantising, not truncation
+# the codecs of the presets before issue 10's second part: caches written with them exist and must stay readable
+EARLIER_PRESETS = {"lossless": {"ids": "shuffle32", "logprobs": "delta16", "relation": "shuffle16"},
+                   "compact": {"ids": "shuffle32", "logprobs": "logq8", "relation": "int8col"}}
 
 
 def write(cache: Path, codec: str, samples=None) -> dict:
+    """A cache of `samples` (default: codec_samples') with the preset `codec`; "<preset>@earlier" writes the
+    preset as it was before issue 10's second part (shuffle32 ids, int8col relation), as old caches hold it."""
+    if codec.endswith("@earlier"):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(codecs, "PRESETS", EARLIER_PRESETS)
+            return write(cache, codec.removesuffix("@earlier"), samples)
     with ShardWriter(cache, rank=0, k_response=cs.K_R, k_visual=cs.K_V, codec=codec) as shard_writer:
         for sample in samples if samples is not None else cs.samples():
             shard_writer.write(sample)
@@ -74,6 +85,29 @@ def assert_int8col_within_bound(decoded: np.ndarray, stored: np.ndarray) -> None
     assert (np.abs(decoded.astype(np.float64) - x) <= step / 2 + np.abs(x) * 2.0 ** -10 + 1e-12).all()
 
 
+def full_matrix(packed: np.ndarray) -> np.ndarray:
+    """The symmetric (L, L) float64 matrix of a packed upper triangle (row-major, diagonal included)."""
+    L = int((np.sqrt(8 * len(packed) + 1) - 1) // 2)
+    matrix = np.zeros((L, L))
+    matrix[np.triu_indices(L)] = np.asarray(packed, np.float64)
+    return matrix + np.triu(matrix, 1).T
+
+
+def relation_cosine(decoded: np.ndarray, stored: np.ndarray) -> float:
+    """Cosine of two packed triangles as full symmetric matrices (1 when both are zero)."""
+    a, b = full_matrix(decoded), full_matrix(stored)
+    norms = np.linalg.norm(a) * np.linalg.norm(b)
+    return float((a * b).sum() / norms) if norms > 0 else float(not a.any() and not b.any())
+
+
+def assert_relation_within_bound(codec: str, decoded: np.ndarray, stored: np.ndarray) -> None:
+    """`compact`'s relation as its preset stores it: int8col's per-value bound, lowrank8's cosine bound."""
+    if codec == "int8col":
+        assert_int8col_within_bound(decoded, stored)
+    else:
+        assert relation_cosine(decoded, stored) >= LOWRANK_COSINE
+
+
 def renormalised_kl(stored: np.ndarray, exact: np.ndarray) -> np.ndarray:
     """KL(stored || exact) per row, both renormalised over the row's k entries (rows with some mass)."""
     q, p = np.exp(stored.astype(np.float64)), np.exp(exact.astype(np.float64))
@@ -86,11 +120,11 @@ def renormalised_kl(stored: np.ndarray, exact: np.ndarray) -> np.ndarray:
 # --- the codecs themselves
 
 
-@pytest.mark.parametrize("codec", [codecs.SHUFFLE32, codecs.DELTA16, codecs.LOGQ8])
+@pytest.mark.parametrize("codec", [codecs.SHUFFLE32, codecs.FREQDICT, codecs.DELTA16, codecs.LOGQ8])
 @pytest.mark.parametrize("rows", [0, 1, 5])
 def test_topk_codecs_round_trip_every_special_value(codec, rows):
     special = np.concatenate([cs.SPECIAL_ROWS, -np.abs(np.random.default_rng(rows).normal(size=(7, cs.V)) * 5)])
-    values = special[:rows].astype(np.float16) if codec != codecs.SHUFFLE32 else \
+    values = special[:rows].astype(np.float16) if codec not in (codecs.SHUFFLE32, codecs.FREQDICT) else \
         np.random.default_rng(rows).integers(0, 2 ** 31 - 1, size=(rows, cs.V)).astype(np.int32)
     payload = np.frombuffer(codecs.encode(codec, values), np.uint8)
     decoded = codecs.decode(codec, payload, cs.V)
@@ -102,7 +136,7 @@ def test_topk_codecs_round_trip_every_special_value(codec, rows):
         assert np.array_equal(decoded.view(np.uint8), values.view(np.uint8))     # bit for bit, -0.0 included
 
 
-@pytest.mark.parametrize("codec", [codecs.SHUFFLE16, codecs.INT8COL])
+@pytest.mark.parametrize("codec", [codecs.SHUFFLE16, codecs.INT8COL, codecs.LOWRANK8])
 @pytest.mark.parametrize("L", [1, 2, 7, 40])
 def test_relation_codecs_round_trip(codec, L):
     rng = np.random.default_rng(L)
@@ -114,9 +148,108 @@ def test_relation_codecs_round_trip(codec, L):
     if codec == codecs.SHUFFLE16:
         assert np.array_equal(bits(decoded), bits(values))
     else:
-        assert_int8col_within_bound(decoded, values)
+        assert_relation_within_bound(codec, decoded, values)
     zeros = np.zeros(L * (L + 1) // 2, np.float16)
     assert not codecs.decode(codec, np.frombuffer(codecs.encode(codec, zeros), np.uint8)).any()
+
+
+def freqdict_table(payload: bytes) -> np.ndarray:
+    """The dictionary of a freqdict payload (its documented layout: uint32 D, then D uint32 differences in 4
+    byte planes), read here without the codec."""
+    size = int(np.frombuffer(payload[:4], np.uint32)[0])
+    planes = np.frombuffer(payload[4: 4 + 4 * size], np.uint8).reshape(4, size)
+    return np.cumsum(np.ascontiguousarray(planes.T).view(np.uint32).reshape(-1), dtype=np.uint32).view(np.int32)
+
+
+@pytest.mark.parametrize("case", ["k = V", "duplicates in a row", "one id everywhere", "int32 extremes",
+                                  "no rows", "over 65536 distinct ids"])
+def test_freqdict_round_trips_any_int32_ids_in_their_order(case):
+    rng = np.random.default_rng(len(case))
+    ids = {"k = V": np.array([rng.permutation(cs.V) for _ in range(6)]),
+           "duplicates in a row": rng.integers(0, 3, size=(5, 8)),
+           "one id everywhere": np.full((4, 3), 151935),
+           "int32 extremes": np.array([[-2 ** 31, 2 ** 31 - 1, 0, -1], [2 ** 31 - 1, -2 ** 31, 1, 0]]),
+           "no rows": np.zeros((0, 64)),
+           "over 65536 distinct ids": rng.permutation(70_003 * 3).reshape(3, 70_003)}[case].astype(np.int32)
+    payload = codecs.encode(codecs.FREQDICT, ids)
+    decoded = codecs.decode(codecs.FREQDICT, np.frombuffer(payload, np.uint8), ids.shape[1])
+    assert decoded.dtype == np.int32 and decoded.shape == ids.shape and np.array_equal(decoded, ids)
+    table = freqdict_table(payload)
+    assert np.array_equal(np.sort(table), np.unique(ids))                # each distinct id once
+    classes = np.floor(np.log2([(ids == t).sum() for t in table[:300]]))
+    assert (np.diff(classes) <= 0).all()                                 # most frequent class first
+    for c in np.unique(classes):                                         # then by ascending id (as uint32)
+        assert (np.diff(table[:300][classes == c].view(np.uint32).astype(np.int64)) > 0).all()
+    width = 2 if len(table) <= 1 << 16 else 4
+    assert len(payload) == 4 + 4 * len(table) + width * ids.size
+
+
+def random_relation(rng: np.random.Generator, L: int, eigenvalues: np.ndarray) -> np.ndarray:
+    """(L, L) float64 `V diag(eigenvalues) Vᵀ / ‖·‖_F` with a random orthogonal V."""
+    vectors, _ = np.linalg.qr(rng.standard_normal((L, L)))
+    matrix = (vectors * eigenvalues) @ vectors.T
+    matrix = 0.5 * (matrix + matrix.T)
+    return matrix / np.linalg.norm(matrix)
+
+
+SPECTRA = {"power 0.5": lambda n: n ** -0.5, "power 1": lambda n: 1.0 / n, "power 2": lambda n: n ** -2.0,
+           "exponential": lambda n: np.exp(-n / 8), "rank 3": lambda n: (n <= 3) * 1.0,
+           "flat": lambda n: np.ones_like(n), "indefinite": lambda n: (-1.0) ** n / n,
+           "constant mode + power 1": lambda n: np.where(n == 1, 30.0, 1.0 / n)}
+
+
+@pytest.mark.parametrize("spectrum", SPECTRA)
+@pytest.mark.parametrize("L", [3, 60, 240])
+def test_lowrank8_reaches_its_cosine_bound_at_the_smallest_rank_its_budget_allows(spectrum, L):
+    rng = np.random.default_rng(L)
+    exact = random_relation(rng, L, SPECTRA[spectrum](np.arange(1, L + 1, dtype=np.float64)))
+    stored = exact[np.triu_indices(L)].astype(np.float16)            # what the dump gives the encoder
+    payload = codecs.encode(codecs.LOWRANK8, stored)
+    decoded = codecs.decode(codecs.LOWRANK8, np.frombuffer(payload, np.uint8))
+    assert decoded.dtype == np.float16 and decoded.shape == stored.shape
+    assert relation_cosine(decoded, stored) >= LOWRANK_COSINE
+    side, rank = (int(v) for v in np.frombuffer(payload[:8], np.uint32))
+    assert side == L and len(payload) == 8 + rank * (4 + L)
+    energy = np.sort(np.linalg.eigvalsh(full_matrix(stored)) ** 2)[::-1]
+    left_out = np.append(energy.sum() - np.cumsum(energy)[:-1], 0.0)            # by truncating at rank 1, 2, ...
+    budget = (1 - LOWRANK_QUANT_SHARE) * (1 - LOWRANK_COSINE ** 2) * energy.sum()
+    needed = int(np.flatnonzero(left_out <= budget)[0]) + 1
+    assert needed <= rank <= min(L, needed + max(1, needed // 16))   # at most one step past the eigenvalues' rank
+    if spectrum == "rank 3":
+        assert rank == min(L, 3)
+
+
+@pytest.mark.parametrize("L, values", [
+    (0, []), (1, [0.0]), (1, [-0.25]), (5, [0.0] * 15),
+    (4, np.diag([1.0, -1e-3, 0.5, 1e-7])[np.triu_indices(4)]),          # spiky eigenvectors, tiny and negative values
+    (3, np.full(6, 1e-7)),                                               # float16 subnormals
+])
+def test_lowrank8_round_trips_degenerate_relations(L, values):
+    stored = np.asarray(values, np.float16)
+    payload = codecs.encode(codecs.LOWRANK8, stored)
+    decoded = codecs.decode(codecs.LOWRANK8, np.frombuffer(payload, np.uint8))
+    assert decoded.dtype == np.float16 and decoded.shape == (L * (L + 1) // 2,) and np.isfinite(decoded).all()
+    assert relation_cosine(decoded, stored) >= LOWRANK_COSINE
+    if not stored.any():
+        assert len(payload) == 8 and not decoded.any()                   # rank 0: the header alone
+
+
+def test_lowrank8_refuses_what_it_cannot_store():
+    for bad in (np.nan, np.inf):
+        with pytest.raises(ValueError, match="NaN or inf"):
+            codecs.encode(codecs.LOWRANK8, np.array([1.0, bad, 0.5], np.float16))
+    with pytest.raises(codecs.CodecError, match=r"not L \(L \+ 1\) / 2"):
+        codecs.encode(codecs.LOWRANK8, np.zeros(4, np.float16))
+    try:                                              # at float16's limit: refused, or decoded finite
+        payload = codecs.encode(codecs.LOWRANK8, np.full(3, 65504, np.float16))
+    except ValueError as e:
+        assert "normalise it first" in str(e)
+    else:
+        assert np.isfinite(codecs.decode(codecs.LOWRANK8, np.frombuffer(payload, np.uint8))).all()
+
+
+def header(L: int, rank: int) -> bytes:
+    return np.array([L, rank], np.uint32).tobytes()
 
 
 @pytest.mark.parametrize("codec, payload, k, message", [
@@ -127,6 +260,16 @@ def test_relation_codecs_round_trip(codec, L):
     (codecs.INT8COL, b"\0" * 3, None, "less than its float32 scale"),
     (codecs.INT8COL, np.array([np.nan], np.float32).tobytes() + b"\0", None, "expected a finite number > 0"),
     (codecs.INT8COL, np.array([1.0], np.float32).tobytes() + b"\0" * 4, None, r"not L \(L \+ 1\) / 2"),
+    (codecs.FREQDICT, b"\0" * 3, 2, "less than its uint32 dictionary size"),
+    (codecs.FREQDICT, np.array([5], np.uint32).tobytes() + b"\0" * 8, 2, "a dictionary of 5 ids, more than its 8"),
+    (codecs.FREQDICT, np.array([1, 7], np.uint32).tobytes() + b"\0" * 3, 1, "not a whole number of rows"),
+    (codecs.FREQDICT, np.array([1, 7], np.uint32).tobytes() + bytes([0, 1, 0, 0]), 1,   # indices 0, 1
+     "has index 1, past its dictionary of 1 ids"),
+    (codecs.LOWRANK8, b"\0" * 7, None, "less than its header"),
+    (codecs.LOWRANK8, header(3, 4), None, "rank r = 4, expected r <= L"),
+    (codecs.LOWRANK8, header(1 << 20, 0), None, "expected r <= L <= 16384"),
+    (codecs.LOWRANK8, header(3, 1) + b"\0" * 6, None, r"holds 14 bytes, expected 8 \+ r \(4 \+ L\) = 15"),
+    (codecs.LOWRANK8, header(1, 1) + np.array([np.nan], np.float32).tobytes() + b"\1", None, "non-finite column weight"),
 ])
 def test_malformed_payloads_raise_codec_errors(codec, payload, k, message):
     with pytest.raises(codecs.CodecError, match=message):
@@ -136,11 +279,17 @@ def test_malformed_payloads_raise_codec_errors(codec, payload, k, message):
 # --- caches of every codec
 
 
-@pytest.mark.parametrize("codec", ALL_CODECS)
+@pytest.mark.parametrize("codec", ALL_CODECS + ("lossless@earlier", "compact@earlier"))
 def test_every_codec_round_trips_adversarial_samples_through_a_cache(tmp_path, codec):
     manifest = write(tmp_path / "cache", codec)
+    codec, earlier = codec.removesuffix("@earlier"), codec.endswith("@earlier")
     assert manifest["format_version"] == (1 if codec == "v1" else 2)
     assert ("codecs" in manifest) == (codec != "v1") and manifest.get("codec") == (None if codec == "v1" else codec)
+    if codec != "v1":
+        presets = EARLIER_PRESETS if earlier else {"lossless": {"ids": "freqdict", "relation": "shuffle16"},
+                                                   "compact": {"ids": "freqdict", "relation": "lowrank8"}}
+        assert manifest["codecs"]["visual_topk_ids"] == presets[codec]["ids"]
+        assert manifest["codecs"]["relation"] == presets[codec]["relation"]
     assert verify_cache(tmp_path / "cache") == []
     with pa.OSFile(str(tmp_path / "cache" / SHARD), "rb") as source:       # a real Arrow file of the format
         assert pa.ipc.open_file(source).schema.equals(schema.manifest_shard_schema(manifest), check_metadata=True)
@@ -156,7 +305,8 @@ def test_every_codec_round_trips_adversarial_samples_through_a_cache(tmp_path, c
         if sample["relation"] is None:
             assert got["relation"] is None and got["relation_norm"] is None
         elif codec == "compact":
-            assert_int8col_within_bound(got["relation"], np.asarray(sample["relation"], np.float16))
+            assert_relation_within_bound(manifest["codecs"]["relation"], got["relation"],
+                                         np.asarray(sample["relation"], np.float16))
         else:
             assert np.array_equal(bits(got["relation"]), bits(sample["relation"]))
         assert got["relation_norm"] == (None if sample["relation_norm"] is None
@@ -196,9 +346,11 @@ def test_lossless_targets_give_the_v1_losses_and_compact_stays_within_its_bounds
             student_relation = torch.randn(1, cs.L, cs.L, generator=student, dtype=torch.float64)
             student_relation = student_relation @ student_relation.transpose(1, 2)
             teacher = {codec: torch.from_numpy(read[codec][i]["relation"].astype(np.float64))[None]
-                       for codec in ("v1", "lossless")}
-            v1, lossless = (relation_loss(student_relation, teacher[codec]) for codec in ("v1", "lossless"))
+                       for codec in ALL_CODECS}
+            v1, lossless, compact = (relation_loss(student_relation, teacher[codec]) for codec in ALL_CODECS)
             assert torch.allclose(lossless, v1, rtol=1e-6, atol=0)
+            # 1 - cos: moved by at most |unit(R read) - unit(R)| = sqrt(2 (1 - cosine)) (+ float16 rounding)
+            assert abs(float(compact - v1)) <= np.sqrt(2 * (1 - LOWRANK_COSINE)) + 1e-3
 
 
 def compact_kl_bound(stored: np.ndarray) -> np.ndarray:
@@ -247,17 +399,38 @@ def flip_sign_of_first_logprob(payload: bytes) -> bytes:     # delta16: the firs
     return bytes(data)
 
 
+def first_lowrank_weight(value: float):
+    """lowrank8: replace the first column weight (after the 8-byte header)."""
+    return lambda p: p[:8] + np.array([value], np.float32).tobytes() + p[12:]
+
+
+def all_indices_zero(payload: bytes) -> bytes:
+    """freqdict: every entry the dictionary's first id (adv-01: 5 response rows of 8, uint16 indices)."""
+    return payload[:-5 * cs.K_R * 2] + b"\0" * (5 * cs.K_R * 2)
+
+
 @pytest.mark.parametrize("codec, column, change, why", [
-    ("lossless", "visual_topk_ids", lambda p: p[:-1], "payload (shuffle32) holds"),
+    ("lossless", "visual_topk_ids", lambda p: p[:-1], "payload (freqdict) holds"),
+    ("lossless", "visual_topk_ids", lambda p: np.array([99], np.uint32).tobytes() + p[4:],
+     "payload (freqdict) has a dictionary of 99 ids"),
+    ("lossless@earlier", "visual_topk_ids", lambda p: p[:-1], "payload (shuffle32) holds"),
     ("lossless", "response_topk_logprobs", lambda p: p + b"\0", "payload (delta16) holds"),
     ("lossless", "relation", lambda p: p[:-2], "relation has 9 values, expected 10"),
-    ("compact", "relation", lambda p: np.array([np.inf], np.float32).tobytes() + p[4:],
+    ("compact", "relation", lambda p: p[:-1], "payload (lowrank8) holds"),
+    ("compact", "relation", first_lowrank_weight(np.inf), "payload (lowrank8) has a non-finite column weight"),
+    ("compact", "relation", lambda p: np.array([5], np.uint32).tobytes() + p[4:],
+     "for side L = 5 and rank r"),
+    ("compact", "relation", lambda p: np.array([1 << 20], np.uint32).tobytes() + p[4:],
+     "payload (lowrank8) has side L = 1048576"),
+    ("compact@earlier", "relation", lambda p: np.array([np.inf], np.float32).tobytes() + p[4:],
      "payload (int8col) has scale inf"),
     ("compact", "visual_topk_logprobs", lambda p: p[:-3], "payload (logq8) holds"),
     # payloads that decode, to values the row checks refuse
     ("lossless", "response_topk_logprobs", flip_sign_of_first_logprob, "NaN or values > 0"),
-    ("lossless", "response_topk_ids", lambda p: b"\0" * len(p), "repeats a token id"),
-    ("compact", "relation", lambda p: np.array([1e30], np.float32).tobytes() + p[4:], "NaN or infinite"),
+    ("lossless", "response_topk_ids", all_indices_zero, "repeats a token id"),
+    ("lossless@earlier", "response_topk_ids", lambda p: b"\0" * len(p), "repeats a token id"),
+    ("compact", "relation", first_lowrank_weight(1e30), "NaN or infinite"),
+    ("compact@earlier", "relation", lambda p: np.array([1e30], np.float32).tobytes() + p[4:], "NaN or infinite"),
 ])
 def test_a_corrupted_payload_is_one_line_naming_shard_sample_and_column(tmp_path, codec, column, change, why):
     cache = tmp_path / "cache"
@@ -278,8 +451,9 @@ def test_manifests_name_known_codecs_for_every_encoded_column_and_only_in_format
     assert schema.manifest_faults(manifest, "c") == []
     for change, message in [
         (lambda m: m.pop("codecs"), "manifest 'codecs' must map exactly"),
-        (lambda m: m["codecs"].update(relation="zip"), "'relation' is 'zip', expected one of ['shuffle16', 'int8col']"),
-        (lambda m: m["codecs"].update(response_topk_ids="logq8"), "expected one of ['shuffle32']"),
+        (lambda m: m["codecs"].update(relation="zip"),
+         "'relation' is 'zip', expected one of ['shuffle16', 'int8col', 'lowrank8']"),
+        (lambda m: m["codecs"].update(response_topk_ids="logq8"), "expected one of ['shuffle32', 'freqdict']"),
         (lambda m: m["codecs"].update(input_ids="shuffle32"), "must map exactly"),
         (lambda m: m.update(format_version=1), "'codecs' is not part of format_version 1"),
         (lambda m: m.update(codec="gzip"), "manifest 'codec' must be one of"),
@@ -342,7 +516,7 @@ def test_kdcache_dump_codecs_store_the_same_targets(tiny_teacher_dir, toy_datase
             assert np.array_equal(compact[ids_column], v1[ids_column])
             assert_logq8_within_bound(compact[logprobs_column], v1[logprobs_column])
         if v1["relation"] is not None:
-            assert_int8col_within_bound(compact["relation"], v1["relation"])
+            assert relation_cosine(compact["relation"], v1["relation"]) >= LOWRANK_COSINE
 
 
 def test_a_format_2_cache_is_pulled_whole_and_cut_like_any_other(tmp_path):
@@ -358,3 +532,33 @@ def test_a_format_2_cache_is_pulled_whole_and_cut_like_any_other(tmp_path):
         assert len(rows) == count
         for got, want in zip(rows, read_all(tmp_path / "cache")):
             assert np.array_equal(bits(got["visual_topk_logprobs"]), bits(want["visual_topk_logprobs"]))
+
+
+def test_a_student_trains_from_a_compact_cache_as_from_a_lossless_one(tiny_teacher_dir, tiny_student_dir,
+                                                                       toy_dataset, tmp_path):
+    """Dump with --codec lossless and compact, train two distillation steps from each (the relation loss on):
+    every loss term finite, the same steps, and compact's terms within its bounds of lossless's."""
+    from student_train.config import TrainConfig
+    from student_train.train import train
+    from teacher_dump.config import DumpConfig
+    from teacher_dump.dump import dump
+
+    data, images = toy_dataset(count=4, text_only=1)
+    steps = {}
+    for codec in ("lossless", "compact"):
+        dump(DumpConfig(teacher=str(tiny_teacher_dir), data=str(data), images=str(images), out=str(tmp_path / codec),
+                        device="cpu", dtype="float32", progress=False, batch_size=2, codec=codec))
+        assert verify_cache(tmp_path / codec) == []
+        train(TrainConfig(stage="dpt", student=str(tiny_student_dir), cache=str(tmp_path / codec),
+                          out=str(tmp_path / f"run-{codec}"), device="cpu", num_workers=0, progress=False,
+                          batch_size=2, global_batch=2, max_steps=2))
+        lines = (tmp_path / f"run-{codec}" / "metrics.jsonl").read_text().splitlines()
+        steps[codec] = [json.loads(line) for line in lines]
+    assert [m["step"] for m in steps["compact"]] == [m["step"] for m in steps["lossless"]] == [1, 2]
+    first = {codec: runs[0] for codec, runs in steps.items()}       # the same student: only the targets differ
+    for key in ("loss", "kl_response", "kl_visual", "relation"):
+        assert all(np.isfinite(m[key]) for runs in steps.values() for m in runs), key
+    assert first["compact"]["relation"] > 0
+    assert abs(first["compact"]["relation"] - first["lossless"]["relation"]) <= np.sqrt(2 * (1 - LOWRANK_COSINE))
+    for role in ("kl_response", "kl_visual"):                        # logq8: within 1/32 nat per log-prob
+        assert abs(first["compact"][role] - first["lossless"][role]) <= 2 * LOGQ8_HALF_STEP + 1e-3, role

@@ -5,6 +5,7 @@ the shards' columns, malformed entries refused, `kdcache inspect` showing them."
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pyarrow as pa
@@ -13,11 +14,11 @@ import torch
 from PIL import Image
 from transformers import LlavaForConditionalGeneration
 
-from kdcache import models, samples, schema
-from kdcache.errors import CacheError
+from kdcache import codecs, fidelity, models, samples, schema, targets
+from kdcache.errors import CacheError, KdcacheError
 from kdcache.reader import CacheReader
 from kdcache.audit import describe_cache
-from kdcache.writer import merged_fidelity, write_manifest
+from kdcache.writer import completed_sample_ids, merged_fidelity, write_manifest
 from teacher_dump.config import DumpConfig
 from teacher_dump.dump import dump
 
@@ -169,6 +170,43 @@ BAD_ENTRIES = [
 ]
 
 
+@pytest.mark.parametrize("codec", ["lossless", "compact"])
+def test_a_non_finite_relation_under_the_fidelity_report_names_its_sample_and_keeps_earlier_ones(
+        tiny_teacher_dir, toy_dataset, tmp_path, monkeypatch, codec):
+    """The report skips a non-finite relation (compact's lowrank8 would refuse it without the sample id) and the
+    dump's own check refuses it in one line naming the sample; the finished shards before it are kept (the first
+    record batch of four here), so a resume redoes only the rest."""
+    data, images = toy_dataset(count=6)
+    relation, calls = targets.relation_from_hidden, []
+
+    def fifth_overflows(hidden, gram):
+        calls.append(1)
+        return relation(hidden, gram) * (float("inf") if len(calls) == 5 else 1.0)
+
+    monkeypatch.setattr(targets, "relation_from_hidden", fifth_overflows)
+    out = tmp_path / "cache"
+    with pytest.raises(KdcacheError) as caught:
+        run_dump(tiny_teacher_dir, data, images, out, batch_size=1, topk_response=4, topk_visual=4, codec=codec,
+                 fidelity_sample=6, shard_size_mb=0.001)
+    message = str(caught.value)
+    assert "\n" not in message and message == f"sample 'sample-4': {targets.NON_FINITE_RELATION}", message
+    assert completed_sample_ids(out) == {f"sample-{i}" for i in range(4)}   # one record batch
+
+
+def test_the_cosine_of_a_non_finite_relation_is_nan_and_is_not_reported():
+    exact = torch.ones(2, 2)
+    packed = torch.tensor([1.0, float("nan"), 0.5], dtype=torch.float16)
+    assert math.isnan(fidelity.cosine(packed.numpy(), exact))
+    assert math.isnan(fidelity.cosine(np.ones(3, np.float16), exact * float("inf")))
+    assert fidelity.cosine(np.ones(3, np.float16), exact) == pytest.approx(1.0)
+    report = fidelity.Fidelity(1, "compact")
+    report.add_relation(packed, exact)
+    report.add_relation(torch.ones(3, dtype=torch.float16), exact * float("nan"))
+    assert report.relation == {"cosine_sum": 0.0, "cosine_min": None, "samples": 0}
+    report.add_relation(torch.tensor([1.0, 0.5, 1.0], dtype=torch.float16), exact)
+    assert report.relation["samples"] == 1 and 0.9 < report.relation["cosine_min"] < 1.0
+
+
 @pytest.fixture(scope="module")
 def measured_cache(tiny_teacher_dir, tmp_path_factory):
     from conftest import write_toy_dataset
@@ -193,7 +231,9 @@ def test_a_malformed_fidelity_or_bytes_entry_is_refused_in_one_line(measured_cac
 def test_inspect_shows_codec_bytes_per_role_and_fidelity(measured_cache):
     manifest = json.loads((measured_cache / schema.MANIFEST_NAME).read_text())
     text = describe_cache(measured_cache)
-    assert "codec           compact (" in text and "relation int8col" in text and "response_topk_logprobs logq8" in text
+    preset = codecs.PRESETS["compact"]
+    assert "codec           compact (" in text and f"relation {preset['relation']}" in text
+    assert f"response_topk_logprobs {preset['logprobs']}" in text and f"response_topk_ids {preset['ids']}" in text
     assert "bytes by role   response_topk " in text and "(encoded, before zstd)" in text
     fidelity = manifest["fidelity"]
     assert "fidelity        2 samples, codec compact" in text

@@ -242,9 +242,10 @@ def test_finalize_records_skipped_samples_and_statistics(tmp_path):
 
 def test_reader_refuses_unknown_format_version(tmp_path):
     write_cache(tmp_path, [make_sample("a")])
-    rewrite_manifest(tmp_path, format_version=3)
-    with pytest.raises(CacheError, match=r"format_version 3 is newer than this kdcache understands \(2\); upgrade"):
+    rewrite_manifest(tmp_path, format_version=4)
+    with pytest.raises(CacheError) as caught:
         CacheReader(tmp_path)
+    assert str(caught.value) == f"{tmp_path}: cache format_version 4 is newer than this kdcache understands (3); upgrade kdcache"
     rewrite_manifest(tmp_path, format_version=1, format="something-else")
     with pytest.raises(CacheError, match="not a kdcache cache"):
         CacheReader(tmp_path)
