@@ -3,12 +3,12 @@
     python benchmarks/bench_recipe.py [--seeds 0 1 2] [--out /tmp/kdcache-recipe] [--student-steps-factor 1]
                                       [--codec lossless|compact | --compare-codecs] [--schemes DPT-SFT-DFT ...]
 
-One teacher (PT -> SFT) and one pair of caches serve every scheme and seed (as in the paper, one
-teacher); each (scheme, seed) trains toy-student from scratch through the scheme's stages with the
-quickstart plan's steps, data order seeded by `seed`, and is evaluated on the held-out split by
-greedy generation. `--student-steps-factor F` multiplies every student stage's steps (the teacher's
-stay); `--teacher-from DIR` reuses the teacher and caches of an earlier run's `--out` DIR (they do
-not depend on the student plan or seeds). Prints a table, then one JSON line:
+The stored toy teacher (`python -m kdcache.toy.build`) and one pair of caches serve every scheme and
+seed (as in the paper, one teacher); each (scheme, seed) trains toy-student (stored tower and
+text-pretrained LM, fresh projector) through the scheme's stages with the quickstart plan's steps,
+data order seeded by `seed`, and is evaluated on the held-out split by greedy generation.
+`--student-steps-factor F` multiplies every student stage's steps; `--teacher-from DIR` reuses the
+caches of an earlier run's `--out` DIR (they do not depend on the student plan or seeds). Prints a table, then one JSON line:
 {"schemes": {"PT-SFT": {"mean": .., "std": .., "runs": [..]}, ...}, "teacher": .., "codec": .., ...}
 
 `--codec` (default lossless, the dump's default) is the caches' `kdcache dump --codec`. `--compare-codecs`
@@ -70,7 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", default="/tmp/kdcache-recipe")
     parser.add_argument("--student-steps-factor", type=float, default=1.0)
     parser.add_argument("--teacher-from", default=None,
-                        help="an earlier run's --out: reuse its teacher and caches (same plan) instead of training")
+                        help="an earlier run's --out: reuse its caches (same data) instead of dumping")
     parser.add_argument("--schemes", nargs="+", choices=list(SCHEMES), default=list(SCHEMES))
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--codec", choices=CODECS, default="lossless", help="the caches' kdcache dump --codec")
@@ -80,11 +80,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def teacher_and_caches(recipe: Recipe, teacher_from: str | None, codecs: list[str]) -> tuple[str, dict]:
-    """The teacher checkpoint and, per codec, the two caches: trained and dumped now, or an earlier run's
-    (its OUT/caches-CODEC, or for lossless its OUT/caches, what `Recipe.dump` wrote; dumped from its teacher
-    if it has neither)."""
+    """The teacher (the stored toy-teacher) and, per codec, the two caches: dumped now, or an earlier run's
+    (its OUT/caches-CODEC, or for lossless its OUT/caches, what `Recipe.dump` wrote; dumped if it has neither)."""
     earlier = Path(teacher_from) if teacher_from else None
-    teacher = str(earlier / "runs" / "teacher-sft" / "final") if earlier else recipe.teacher()
+    teacher = "toy-teacher"                 # the stored toy teacher (kdcache.toy.build); earlier runs used it too
     caches = {}
     for codec in codecs:
         candidates = [] if earlier is None else [earlier / f"caches-{codec}"] + (
@@ -96,22 +95,8 @@ def teacher_and_caches(recipe: Recipe, teacher_from: str | None, codecs: list[st
 
 
 def dump_caches(recipe: Recipe, teacher: str, codec: str) -> dict[str, str]:
-    """`Recipe.dump`'s two caches (captions: plain, questions: qwen2_base; its settings) with `--codec codec`,
-    under OUT/caches-CODEC. (`Recipe.dump` has no codec parameter; with one, this would be
-    `recipe.dump(teacher, codec=codec)`.)"""
-    from teacher_dump.config import DumpConfig
-    from teacher_dump.dump import dump
-
-    caches = {}
-    for name, template in (("captions", "plain"), ("questions", "qwen2_base")):
-        source = recipe.world["captions" if name == "captions" else "train"]
-        cfg = DumpConfig(teacher=teacher, data=str(source), images=str(recipe.world["images_dir"]),
-                         out=str(recipe.out / f"caches-{codec}" / name), template=template,
-                         topk_response=recipe.plan.topk, topk_visual=recipe.plan.topk, batch_size=32, device="cpu",
-                         dtype="float32", progress=recipe.progress, codec=codec)
-        recipe.timed(f"dump-{codec}-{name}", dump, cfg)
-        caches[name] = cfg.out
-    return caches
+    """`Recipe.dump`'s two caches with `--codec codec`, under OUT/caches-CODEC."""
+    return recipe.dump(teacher, codec=codec, into=f"caches-{codec}")
 
 
 def train_schemes(recipe: Recipe, caches: dict[str, str], seeds: list[int], schemes: list[str], codec: str):

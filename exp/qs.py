@@ -1,5 +1,7 @@
 """Probe: the quickstart with plan overrides: python exp/qs.py OUT SEED '{"student_sft_steps": 300}'"""
-import json, sys, time
+import json, os, sys, time
+import torch
+if os.environ.get("THREADS"): torch.set_num_threads(int(os.environ["THREADS"]))
 from dataclasses import replace
 from kdcache.toy.recipe import Plan, run_quickstart
 out, seed = sys.argv[1], int(sys.argv[2])

@@ -327,11 +327,13 @@ def evaluate(
 def quickstart(
     out: str = typer.Option("quickstart", help="Where the toy data, caches, runs and report go."),
     seed: int = typer.Option(0, help="Seed for data and models."),
+    train_teacher: bool = typer.Option(False, help="Train the teacher now (PT, SFT from the stored text-pretrained "
+                                       "teacher LM, ~10 min) instead of using the stored toy-teacher."),
 ):
     """Run the whole recipe on the embedded toy world, on a CPU, in minutes."""
     from kdcache.toy.recipe import run_quickstart
 
-    run_quickstart(out, seed=seed)
+    run_quickstart(out, seed=seed, train_teacher=train_teacher)
 
 
 @app.command(epilog="Examples:\n\n  kdcache convert --from tinyllava LLaVA-KD-student/ student-llava/")

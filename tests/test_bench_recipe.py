@@ -63,9 +63,9 @@ def test_an_earlier_runs_caches_are_reused_per_codec_and_a_missing_codec_is_dump
     dumped = []
     monkeypatch.setattr(bench_recipe, "dump_caches", lambda recipe, teacher, codec: dumped.append((teacher, codec))
                         or {"captions": "new", "questions": "new"})
-    recipe = SimpleNamespace(teacher=lambda: pytest.fail("the earlier run's teacher is reused"))
+    recipe = SimpleNamespace(teacher=lambda *a: pytest.fail("the stored teacher is used, never trained"))
     teacher, caches = bench_recipe.teacher_and_caches(recipe, str(earlier), ["lossless", "compact"])
-    assert teacher == str(earlier / "runs" / "teacher-sft" / "final")
+    assert teacher == "toy-teacher"
     assert caches["lossless"] == {name: str(earlier / "caches" / name) for name in ("captions", "questions")}
     assert caches["compact"] == {"captions": "new", "questions": "new"} and dumped == [(teacher, "compact")]
 

@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from kdcache.cli import app
 from kdcache.evaluate import Question, accuracy_report, normalize
+from kdcache.models import load_bundle
+from kdcache.toy.models import load_toy
 from kdcache.toy.recipe import run_quickstart, small_plan
 
 
@@ -63,3 +66,15 @@ def test_quickstart_is_reproducible_on_the_same_machine(tmp_path):
     for key in ("accuracy", "per_type", "cache_bytes", "environment"):
         assert reports[0][key] == reports[1][key], key
     assert reports[0]["environment"]["torch"].startswith("2.")
+
+
+@pytest.mark.slow
+def test_quickstart_can_train_its_teacher_from_the_stored_text_pretrained_lm(tmp_path):
+    report = run_quickstart(tmp_path / "qs", plan=small_plan(), progress=False, train_teacher=True)
+    assert report["models"]["teacher"] == str(tmp_path / "qs" / "runs" / "teacher-sft" / "final")
+    steps = {run: len((tmp_path / "qs" / "runs" / run / "metrics.jsonl").read_text().splitlines())
+             for run in ("teacher-pt", "teacher-sft")}
+    assert steps == {"teacher-pt": small_plan().teacher_pt_steps, "teacher-sft": small_plan().teacher_sft_steps}
+    init = load_bundle(str(tmp_path / "qs" / "runs" / "teacher-init")).model.state_dict()
+    stored = load_toy("toy-teacher", start="teacher-lm").model.state_dict()
+    assert all(torch.equal(v, stored[k]) for k, v in init.items())

@@ -35,7 +35,7 @@ class BuildPlan:
     student_lm: LMPlan = LMPlan()
     teacher_lm: LMPlan = LMPlan()
     teacher_data_seed: int = 100
-    teacher_num_train: int = 5000
+    teacher_num_train: int = 10000
     teacher_pt_steps: int = 200
     teacher_sft_steps: int = 2500
     lr_pt: float = 2e-3

@@ -129,12 +129,12 @@ def _lr_factor(step: int, plan: LMPlan) -> float:
 
 # --- the tower
 
-PATCH_ATTRIBUTES = ("color", "shape", "size")
+PATCH_ATTRIBUTES = ("color", "shape", "size", "position")     # of the object covering the patch, or none
 
 
 @dataclass(frozen=True)
 class TowerPlan:
-    steps: int = 300
+    steps: int = 600
     batch_size: int = 64
     lr: float = 2e-3
     seed: int = 0
@@ -160,16 +160,26 @@ def patch_labels(scene: dict, image_size: int, patch: int, min_pixels: int) -> l
     return labels
 
 
+def centre_patches(scene: dict, image_size: int, patch: int) -> list[bool]:
+    """Per patch (row-major): whether the centre of one of the scene's objects lies in it."""
+    side = image_size // patch
+    centres = {(min(obj["y"] // patch, side - 1), min(obj["x"] // patch, side - 1)) for obj in scene["objects"]}
+    return [(row, col) in centres for row in range(side) for col in range(side)]
+
+
 def pretrain_tower(tower, image_processor, plan: TowerPlan = TowerPlan(), *, feature_layer: int = -2,
                    progress: bool = True) -> list[float]:
     """Train `tower` (in place) so that each patch token of layer `feature_layer` names what the patch shows.
 
     A stand-in for SigLIP's pretraining: linear heads read, from every patch token alone, the colour,
-    shape and size of the object covering that patch (or "none"); the heads are thrown away.
+    shape, size and column of the object covering that patch (or "none"), and whether an object's centre
+    lies in the patch (objects, not only their pixels: with the first four heads alone the toy teacher
+    counted and placed objects at 0.60 / 0.41 after SFT); the heads are thrown away.
     """
     from kdcache.toy import data as toy_data
 
-    values = {"color": list(toy_data.COLORS), "shape": list(toy_data.SHAPES), "size": list(toy_data.SIZES)}
+    values = {"color": list(toy_data.COLORS), "shape": list(toy_data.SHAPES), "size": list(toy_data.SIZES),
+              "position": list(toy_data.POSITIONS)}
     image_size, patch = tower.config.image_size, tower.config.patch_size
     rng = random.Random(f"toy-tower-{plan.seed}")
     tower.train()
@@ -177,7 +187,7 @@ def pretrain_tower(tower, image_processor, plan: TowerPlan = TowerPlan(), *, fea
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(plan.seed)          # the heads' initialisation too (unseeded, two builds differed by 0.4)
         heads = torch.nn.ModuleDict({a: torch.nn.Linear(tower.config.hidden_size, len(v) + 1)
-                                     for a, v in values.items()})
+                                     for a, v in {**values, "centre": [True]}.items()})
         params = [*tower.parameters(), *heads.parameters()]
         optimizer = torch.optim.AdamW(params, lr=plan.lr, weight_decay=0.01)
         for _ in tqdm(range(plan.steps), desc="pretrain tower", unit="step", disable=not progress):
@@ -186,10 +196,10 @@ def pretrain_tower(tower, image_processor, plan: TowerPlan = TowerPlan(), *, fea
                                      return_tensors="pt")["pixel_values"]
             features = tower(pixel_values=pixels, output_hidden_states=True).hidden_states[feature_layer]
             labels = [patch_labels(s, image_size, patch, plan.min_pixels) for s in scenes]
-            loss = sum(torch.nn.functional.cross_entropy(
-                heads[a](features).flatten(0, 1),
-                torch.tensor([len(values[a]) if o is None else values[a].index(o[a]) for ls in labels for o in ls]))
-                for a in values) / len(values)
+            targets = {a: [len(v) if o is None else v.index(o[a]) for ls in labels for o in ls] for a, v in values.items()}
+            targets["centre"] = [int(c) for s in scenes for c in centre_patches(s, image_size, patch)]
+            loss = sum(torch.nn.functional.cross_entropy(heads[a](features).flatten(0, 1), torch.tensor(t))
+                       for a, t in targets.items()) / len(targets)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()

@@ -32,14 +32,14 @@ class Plan:
     num_train: int = 1500
     num_eval: int = 200
     batch_size: int = 16
-    teacher_pt_steps: int = 60
-    teacher_sft_steps: int = 800          # much fewer and the toy teacher does not learn to look (decisions.md)
+    teacher_pt_steps: int = 200           # --train-teacher only (the stored teacher: kdcache.toy.build's plan)
+    teacher_sft_steps: int = 2500
     student_pt_steps: int = 60
     student_sft_steps: int = 150
     student_dft_steps: int = 150
     lr_pt: float = 1e-3                   # projector-only stages (pt, dpt), as the paper
-    lr_ft: float = 1e-3                   # full-model stages: toy LMs start from random weights,
-                                          # so they need far more than the paper's 2e-5
+    lr_ft: float = 1e-3                   # full-model stages: tiny LMs, a few hundred steps; far above
+                                          # the paper's 2e-5 for billions of parameters
     topk: int = 64
     num_workers: int = 0
 
@@ -96,8 +96,8 @@ class Recipe:
         pt = self.train("teacher-pt", "pt", init, plan.teacher_pt_steps, data=str(world["captions"]), images=images)
         return self.train("teacher-sft", "sft", pt, plan.teacher_sft_steps, data=str(world["teacher"]), images=images)
 
-    def dump(self, teacher: str) -> dict[str, str]:
-        """Two caches through `kdcache dump`: captions (plain) and questions (qwen2_base)."""
+    def dump(self, teacher: str, *, codec: str = "lossless", into: str = "caches") -> dict[str, str]:
+        """Two caches through `kdcache dump --codec codec` under out/INTO: captions (plain), questions (qwen2_base)."""
         from teacher_dump.config import DumpConfig
         from teacher_dump.dump import dump
 
@@ -105,11 +105,12 @@ class Recipe:
         for name, template in (("captions", "plain"), ("questions", "qwen2_base")):
             source = self.world["captions" if name == "captions" else "train"]
             cfg = DumpConfig(teacher=teacher, data=str(source), images=str(self.world["images_dir"]),
-                             out=str(self.out / "caches" / name), template=template, topk_response=self.plan.topk,
+                             out=str(self.out / into / name), template=template, topk_response=self.plan.topk,
                              topk_visual=self.plan.topk, batch_size=32, device="cpu", dtype="float32",
-                             progress=self.progress)
-            manifest = self.timed(f"dump-{name}", dump, cfg)
-            self.cache_bytes[name] = manifest["stats"]["num_bytes"]
+                             progress=self.progress, codec=codec)
+            label = f"dump-{name}" if into == "caches" else f"dump-{into}-{name}"
+            manifest = self.timed(label, dump, cfg)
+            self.cache_bytes[name if into == "caches" else f"{into}/{name}"] = manifest["stats"]["num_bytes"]
             caches[name] = cfg.out
         return caches
 
