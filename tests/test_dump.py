@@ -104,7 +104,7 @@ def test_dump_writes_a_manifest_that_describes_the_cache(tiny_teacher_dir, toy_d
 def test_dump_refuses_a_teacher_with_an_untrained_projector(toy_dataset, tmp_path):
     data, images = toy_dataset(count=2)
     with pytest.raises(KdcacheError, match="untrained projector"):
-        run_dump("toy-teacher", data, images, tmp_path / "cache")
+        run_dump("toy-student", data, images, tmp_path / "cache")      # a fresh projector (toy-teacher's is trained)
 
 
 def test_dump_names_a_sample_with_a_missing_image(tiny_teacher_dir, toy_dataset, tmp_path):

@@ -154,13 +154,16 @@ def load_toy(name: str, *, dtype: torch.dtype = torch.float32, trust_remote_code
     which = start or preset["weights"]
     bundle = build_toy_bundle(preset["text"], seed=preset["seed"], source=name)
     bundle.model.model.vision_tower.load_state_dict(weights.load("tower", stored))
-    missing, unexpected = bundle.model.load_state_dict(weights.load(which, stored), strict=False)
+    unfit = f"the stored toy weights {which!r} in {stored} do not fit {name}"
+    try:
+        missing, unexpected = bundle.model.load_state_dict(weights.load(which, stored), strict=False)
+    except RuntimeError as e:                           # tensors of other shapes
+        raise KdcacheError(f"{unfit}: {str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}") from None
     projector = which == "teacher"                      # the only stored weights with a trained projector
     allowed = {k for k in bundle.model.state_dict()
                if k.startswith("model.vision_tower.") or (not projector and "multi_modal_projector" in k)}
     if unexpected or set(missing) - allowed:
-        raise KdcacheError(f"the stored toy weights {which!r} in {stored} do not fit {name}: "
-                           f"{len(missing)} missing, {len(unexpected)} unexpected tensors")
+        raise KdcacheError(f"{unfit}: {len(missing)} missing, {len(unexpected)} unexpected tensors")
     bundle.projector_trained = projector
     bundle.model.to(dtype)
     return bundle
