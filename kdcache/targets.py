@@ -119,20 +119,25 @@ def topk_logprobs(hidden: Tensor, lm_head_weight: Tensor, *, k: int, temperature
         raise ValueError(f"k={k} must be in [1, vocab_size={v}]")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    dtype = compute_dtype(hidden, lm_head_weight)
     ids = torch.empty(n, k, dtype=torch.long, device=hidden.device)        # (N, K) int64
-    logprobs = torch.empty(n, k, dtype=dtype, device=hidden.device)        # (N, K) float32
+    logprobs = torch.empty(n, k, dtype=compute_dtype(hidden, lm_head_weight), device=hidden.device)  # float32
+    for rows, logits in _scaled_logits(hidden, lm_head_weight, temperature, chunk_rows):
+        # log_softmax = logits - logsumexp; top-k of the logits is the top-k of log_softmax,
+        # which saves a second (n, V) buffer.
+        top, top_ids = logits.topk(k, dim=-1, sorted=True)                   # (n, K)
+        logprobs[rows] = top - torch.logsumexp(logits, dim=-1, keepdim=True)
+        ids[rows] = top_ids
+    return ids, logprobs
+
+
+def _scaled_logits(hidden: Tensor, lm_head_weight: Tensor, temperature: float, chunk_rows: int):
+    """(row slice, float32 logits / T of those rows): `head_logits` `chunk_rows` rows at a time, autocast off."""
     with torch.autocast(hidden.device.type, enabled=False):
-        for start in range(0, n, chunk_rows):
-            logits = head_logits(hidden[start: start + chunk_rows], lm_head_weight)   # (n, V) float32
+        for start in range(0, hidden.shape[0], chunk_rows):
+            logits = head_logits(hidden[start: start + chunk_rows], lm_head_weight)   # (c, V) float32
             if temperature != 1.0:
                 logits /= temperature
-            # log_softmax = logits - logsumexp; top-k of the logits is the top-k of log_softmax,
-            # which saves a second (n, V) buffer.
-            top, top_ids = logits.topk(k, dim=-1, sorted=True)               # (n, K)
-            logprobs[start: start + chunk_rows] = top - torch.logsumexp(logits, dim=-1, keepdim=True)
-            ids[start: start + chunk_rows] = top_ids
-    return ids, logprobs
+            yield slice(start, start + chunk_rows), logits
 
 
 # --- sampled targets (RS-KD)
@@ -166,20 +171,15 @@ def sampled_logprobs(hidden: Tensor, lm_head_weight: Tensor, *, draws: int, temp
         raise ValueError(f"hidden size {d} does not match lm_head_weight {tuple(lm_head_weight.shape)}")
     if draws < 1 or temperature <= 0:
         raise ValueError(f"draws must be >= 1 and temperature > 0, got {draws} and {temperature}")
-    dtype = compute_dtype(hidden, lm_head_weight)
     ids = torch.empty(n, draws, dtype=torch.long, device=hidden.device)      # (n, N) int64
-    logprobs = torch.empty(n, draws, dtype=dtype, device=hidden.device)      # (n, N) float32
-    with torch.autocast(hidden.device.type, enabled=False):
-        for start in range(0, n, chunk_rows):
-            logits = head_logits(hidden[start: start + chunk_rows], lm_head_weight)   # (c, V)
-            if temperature != 1.0:
-                logits /= temperature
-            logits -= torch.logsumexp(logits, dim=-1, keepdim=True)              # log p, in place
-            drawn = torch.multinomial(logits.exp(), draws, replacement=True, generator=generator)   # (c, N)
-            drawn = drawn.sort(dim=-1).values                                    # ascending id first ...
-            values, order = logits.gather(-1, drawn).sort(dim=-1, descending=True, stable=True)
-            ids[start: start + chunk_rows] = drawn.gather(-1, order)             # ... then by descending log p
-            logprobs[start: start + chunk_rows] = values.clamp_(max=0.0)         # a rounding hair above 0
+    logprobs = torch.empty(n, draws, dtype=compute_dtype(hidden, lm_head_weight), device=hidden.device)
+    for rows, logits in _scaled_logits(hidden, lm_head_weight, temperature, chunk_rows):
+        logits -= torch.logsumexp(logits, dim=-1, keepdim=True)                  # log p, in place
+        drawn = torch.multinomial(logits.exp(), draws, replacement=True, generator=generator)   # (c, N)
+        drawn = drawn.sort(dim=-1).values                                        # ascending id first ...
+        values, order = logits.gather(-1, drawn).sort(dim=-1, descending=True, stable=True)
+        ids[rows] = drawn.gather(-1, order)                                      # ... then by descending log p
+        logprobs[rows] = values.clamp_(max=0.0)                                  # a rounding hair above 0
     return ids, logprobs
 
 
