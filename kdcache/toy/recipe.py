@@ -22,6 +22,7 @@ from pathlib import Path
 
 from kdcache.files import write_json_atomic
 from kdcache.toy import data as toy_data
+from kdcache.toy.build import BuildPlan
 
 
 @dataclass(frozen=True)
@@ -32,8 +33,8 @@ class Plan:
     num_train: int = 1500
     num_eval: int = 200
     batch_size: int = 16
-    teacher_pt_steps: int = 200           # --train-teacher only (the stored teacher: kdcache.toy.build's plan)
-    teacher_sft_steps: int = 2500
+    teacher_pt_steps: int = BuildPlan.teacher_pt_steps       # --train-teacher only: the stored teacher's steps
+    teacher_sft_steps: int = BuildPlan.teacher_sft_steps
     student_pt_steps: int = 60
     student_sft_steps: int = 150
     student_dft_steps: int = 150
