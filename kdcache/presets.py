@@ -37,8 +37,8 @@ PRESETS: dict[str, Preset] = {
     "qwen2.5-0.5b": hub_preset(SIGLIP_SO400M, "Qwen/Qwen2.5-0.5B"),
     "qwen2.5-1.5b": hub_preset(SIGLIP_SO400M, "Qwen/Qwen2.5-1.5B"),
     "qwen2.5-3b": hub_preset(SIGLIP_SO400M, "Qwen/Qwen2.5-3B"),
-    "toy-teacher": Preset(TOY_LOADER, "the toy world's teacher, built from code and seeded (kdcache.toy.models)"),
-    "toy-student": Preset(TOY_LOADER, "the toy world's student, built from code and seeded (kdcache.toy.models)"),
+    "toy-teacher": Preset(TOY_LOADER, "the toy world's trained teacher, from the stored weights (kdcache.toy.models, kdcache.toy.build)"),
+    "toy-student": Preset(TOY_LOADER, "the toy world's student: stored tower and text-pretrained LM, fresh projector (kdcache.toy.models)"),
 }
 
 

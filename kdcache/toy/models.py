@@ -1,8 +1,9 @@
 """The toy world's models: a tiny byte-level BPE tokenizer, a shared SigLIP tower, two Qwen2 LMs.
 
 ``load_bundle("toy-teacher")`` / ``load_bundle("toy-student")`` reach `load_toy` through
-`kdcache.presets` and build them here, seeded, through the same `models.compose` as the real
-presets, so the quickstart and the tests exercise the real code path on a CPU in seconds. Teacher
+`kdcache.presets` and build them here through the same `models.compose` as the real presets, with the
+weights stored in kdcache/toy/weights (`python -m kdcache.toy.build`), so the quickstart and the tests
+exercise the real code path on a CPU in seconds. Teacher
 and student share the tokenizer and identical tower weights (docs/design.md §1); the teacher has about 4x
 the student's LM parameters (Qwen1.5-4B : 0.5B is 8x; a wider toy teacher learns no better in the
 quickstart's steps and costs more of its 10 minutes).
@@ -16,7 +17,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models as bpe_models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
 
-from kdcache.errors import KdcacheError
+from kdcache.errors import KdcacheError, one_line
 from kdcache.models import Bundle, compose, siglip_image_processor
 from kdcache.toy import weights
 from kdcache.templates import END_TOKEN, IMAGE_TOKEN, SYSTEM_PROMPT
@@ -158,7 +159,7 @@ def load_toy(name: str, *, dtype: torch.dtype = torch.float32, trust_remote_code
     try:
         missing, unexpected = bundle.model.load_state_dict(weights.load(which, stored), strict=False)
     except RuntimeError as e:                           # tensors of other shapes
-        raise KdcacheError(f"{unfit}: {str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}") from None
+        raise KdcacheError(f"{unfit}: {one_line(e, limit=300)}") from None
     projector = which == "teacher"                      # the only stored weights with a trained projector
     allowed = {k for k in bundle.model.state_dict()
                if k.startswith("model.vision_tower.") or (not projector and "multi_modal_projector" in k)}

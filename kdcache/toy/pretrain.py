@@ -64,9 +64,10 @@ def dialogue(rng: random.Random, most: int, turns: int, describe: float = 0.0, i
             break
     conversation = toy_data._conversations(rng, scene, turns)
     pairs = [(HUMAN if t["from"] == "human" else GPT, t["value"].replace("<image>\n", "")) for t in conversation]
+    caption = toy_data.caption(scene)
     if rng.random() < describe:
-        pairs = [(HUMAN, toy_data.CAPTION_PROMPT), (GPT, toy_data.caption(scene)), *pairs]
-    pairs[0] = (HUMAN, toy_data.caption(scene) + "\n" + pairs[0][1])
+        pairs = [(HUMAN, toy_data.CAPTION_PROMPT), (GPT, caption), *pairs]
+    pairs[0] = (HUMAN, caption + "\n" + pairs[0][1])
     return render(pairs, template="qwen2_base", has_image=False, eos_token=END_TOKEN)
 
 
@@ -90,8 +91,8 @@ def pretrain_lm(language_model, tokenizer, plan: LMPlan = LMPlan(), *, progress:
     """Train `language_model` (a causal LM, in place) on toy dialogues (`dialogue`, under the `max_objects`
     curriculum); returns the loss per step.
 
-    Next-token cross-entropy on every token of every text (padding excluded), AdamW, linear warmup
-    then cosine decay; deterministic for a given plan on a given machine.
+    Next-token cross-entropy on the answers (`plan.answers_only`) or on every token (padding excluded),
+    AdamW, `_lr_factor`'s schedule; deterministic for a given plan, machine and thread count.
     """
     rng = random.Random(f"toy-lm-{plan.seed}")
     optimizer = torch.optim.AdamW(language_model.parameters(), lr=plan.lr, weight_decay=0.01)
