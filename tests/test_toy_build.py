@@ -13,7 +13,7 @@ from kdcache.toy.models import load_toy
 from kdcache.toy.pretrain import LMPlan, TowerPlan, dialogue, max_objects
 
 TINY = build.BuildPlan(tower=TowerPlan(steps=2, batch_size=4), student_lm=LMPlan(steps=2, batch_size=2),
-                       teacher_lm=LMPlan(steps=2, batch_size=2), teacher_num_train=8, teacher_pt_steps=1,
+                       teacher_lm=LMPlan(steps=2, batch_size=2), teacher_num_train=8, teacher_pt_steps=1, teacher_batch_size=4,
                        teacher_sft_steps=1)
 
 

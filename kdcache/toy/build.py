@@ -37,7 +37,8 @@ class BuildPlan:
     teacher_data_seed: int = 100
     teacher_num_train: int = 10000
     teacher_pt_steps: int = 200
-    teacher_sft_steps: int = 2500
+    teacher_sft_steps: int = 1000
+    teacher_batch_size: int = 32
     lr_pt: float = 2e-3
     lr_sft: float = 1e-3
 
@@ -121,7 +122,8 @@ def _train_teacher(out: Path, tmp: Path, plan: BuildPlan, progress: bool):
 
     save_bundle(load_toy("toy-teacher", stored=out, start="teacher-lm"), tmp / "init", stages=[])
     recipe = Recipe(tmp, plan=replace(Plan(), num_train=plan.teacher_num_train, teacher_pt_steps=plan.teacher_pt_steps,
-                                      teacher_sft_steps=plan.teacher_sft_steps, lr_pt=plan.lr_pt,
+                                      teacher_sft_steps=plan.teacher_sft_steps,
+                                      teacher_batch_size=plan.teacher_batch_size, lr_pt=plan.lr_pt,
                                       lr_ft=plan.lr_sft),
                     seed=plan.teacher_data_seed, progress=progress)
     recipe.data()

@@ -38,7 +38,7 @@ FUNCTION_WORDS = ("what", "color", "colour", "shape", "how", "many", "is", "the"
 VOCAB_SIZE = 600
 TOWER_SEED = 1234          # one tower for teacher and student
 TOY_VISION = dict(image_size=64, patch_size=16, hidden_size=64, intermediate_size=128,
-                  num_hidden_layers=2, num_attention_heads=2)                  # 4x4 patches -> 15 visual tokens
+                  num_hidden_layers=3, num_attention_heads=2)                  # 4x4 patches -> 15 visual tokens
 # The architectures of the presets registered in kdcache.presets with the loader `load_toy`.
 TOY_PRESETS: dict[str, dict] = {
     "toy-teacher": dict(seed=1, weights="teacher", text=dict(hidden_size=192, intermediate_size=528, num_hidden_layers=4,

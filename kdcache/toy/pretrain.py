@@ -135,7 +135,7 @@ PATCH_ATTRIBUTES = ("color", "shape", "size", "position")     # of the object co
 
 @dataclass(frozen=True)
 class TowerPlan:
-    steps: int = 600
+    steps: int = 3000
     batch_size: int = 64
     lr: float = 2e-3
     seed: int = 0

@@ -35,6 +35,7 @@ class Plan:
     batch_size: int = 16
     teacher_pt_steps: int = BuildPlan.teacher_pt_steps       # --train-teacher only: the stored teacher's steps
     teacher_sft_steps: int = BuildPlan.teacher_sft_steps
+    teacher_batch_size: int = BuildPlan.teacher_batch_size
     student_pt_steps: int = 60
     student_sft_steps: int = 150
     student_dft_steps: int = 150
@@ -76,15 +77,17 @@ class Recipe:
         self.world = self.timed("data", toy_data.generate, self.out / "data", num_train=plan.num_train,
                                 num_eval=plan.num_eval, seed=self.seed)
 
-    def train(self, name: str, stage: str, student: str, steps: int, *, seed: int | None = None, **source) -> str:
-        """One `kdcache train` stage into out/runs/NAME; returns RUN/final."""
+    def train(self, name: str, stage: str, student: str, steps: int, *, seed: int | None = None,
+              batch_size: int | None = None, **source) -> str:
+        """One `kdcache train` stage into out/runs/NAME (batch: the plan's students' unless given); returns RUN/final."""
         from student_train.config import TrainConfig
         from student_train.train import train
 
         plan = self.plan
         lr = plan.lr_pt if stage in ("pt", "dpt") else plan.lr_ft
+        batch = batch_size or plan.batch_size
         cfg = TrainConfig(stage=stage, student=str(student), out=str(self.out / "runs" / name), lr=lr,
-                          batch_size=plan.batch_size, global_batch=plan.batch_size, epochs=1000, max_steps=steps,
+                          batch_size=batch, global_batch=batch, epochs=1000, max_steps=steps,
                           seed=self.seed if seed is None else seed, device="cpu", num_workers=plan.num_workers,
                           save_every=10**9, progress=self.progress, **source)
         return str(self.timed(name, train, cfg))
@@ -94,8 +97,11 @@ class Recipe:
         (questions and captions), with the students' trainer."""
         world, plan = self.world, self.plan
         images = str(world["images_dir"])
-        pt = self.train("teacher-pt", "pt", init, plan.teacher_pt_steps, data=str(world["captions"]), images=images)
-        return self.train("teacher-sft", "sft", pt, plan.teacher_sft_steps, data=str(world["teacher"]), images=images)
+        batch = plan.teacher_batch_size
+        pt = self.train("teacher-pt", "pt", init, plan.teacher_pt_steps, batch_size=batch, data=str(world["captions"]),
+                        images=images)
+        return self.train("teacher-sft", "sft", pt, plan.teacher_sft_steps, batch_size=batch, data=str(world["teacher"]),
+                          images=images)
 
     def dump(self, teacher: str, *, codec: str = "lossless", into: str = "caches") -> dict[str, str]:
         """Two caches through `kdcache dump --codec codec` under out/INTO: captions (plain), questions (qwen2_base)."""
@@ -263,4 +269,4 @@ def _accuracy_bars(ax, report: dict) -> None:
 def small_plan() -> Plan:
     """A plan that exercises every step in seconds (tests)."""
     return replace(Plan(), num_train=24, num_eval=8, batch_size=4, teacher_pt_steps=2, teacher_sft_steps=2,
-                   student_pt_steps=2, student_sft_steps=2, student_dft_steps=2, topk=8)
+                   teacher_batch_size=4, student_pt_steps=2, student_sft_steps=2, student_dft_steps=2, topk=8)
