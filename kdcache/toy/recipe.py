@@ -103,8 +103,10 @@ class Recipe:
         return self.train("teacher-sft", "sft", pt, plan.teacher_sft_steps, batch_size=batch, data=str(world["teacher"]),
                           images=images)
 
-    def dump(self, teacher: str, *, codec: str = "lossless", into: str = "caches") -> dict[str, str]:
-        """Two caches through `kdcache dump --codec codec` under out/INTO: captions (plain), questions (qwen2_base)."""
+    def dump(self, teacher: str, *, codec: str = "lossless", into: str = "caches",
+             visual_targets: str = "topk") -> dict[str, str]:
+        """Two caches through `kdcache dump --codec codec --visual-targets visual_targets` under out/INTO:
+        captions (plain), questions (qwen2_base)."""
         from teacher_dump.config import DumpConfig
         from teacher_dump.dump import dump
 
@@ -114,7 +116,7 @@ class Recipe:
             cfg = DumpConfig(teacher=teacher, data=str(source), images=str(self.world["images_dir"]),
                              out=str(self.out / into / name), template=template, topk_response=self.plan.topk,
                              topk_visual=self.plan.topk, batch_size=32, device="cpu", dtype="float32",
-                             progress=self.progress, codec=codec)
+                             progress=self.progress, codec=codec, visual_targets=visual_targets)
             label = f"dump-{name}" if into == "caches" else f"dump-{into}-{name}"
             manifest = self.timed(label, dump, cfg)
             self.cache_bytes[name if into == "caches" else f"{into}/{name}"] = manifest["stats"]["num_bytes"]
