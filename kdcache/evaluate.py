@@ -73,11 +73,16 @@ def generate_answers(bundle: models.Bundle, questions: list[Question], *, max_ne
     return answers
 
 
+def correct(questions: list[Question], answers: list[str]) -> list[bool]:
+    """Exact match (after `normalize`) per question, in question order."""
+    return [normalize(a) == normalize(q.answer) for q, a in zip(questions, answers)]
+
+
 def accuracy_report(questions: list[Question], answers: list[str]) -> dict:
     """{"accuracy", "num_questions", "per_type": {qtype: {"accuracy", "num_questions"}}}."""
     per_type: dict[str, list[bool]] = {}
-    for q, a in zip(questions, answers):
-        per_type.setdefault(q.qtype, []).append(normalize(a) == normalize(q.answer))
+    for q, hit in zip(questions, correct(questions, answers)):
+        per_type.setdefault(q.qtype, []).append(hit)
     every = [hit for hits in per_type.values() for hit in hits]
     return {
         "accuracy": sum(every) / max(1, len(every)),
@@ -88,9 +93,10 @@ def accuracy_report(questions: list[Question], answers: list[str]) -> dict:
 
 def evaluate_bundle(bundle: models.Bundle, data: str | Path, images: str | Path | None, *, template: str,
                     max_samples: int | None = None, max_new_tokens: int = 8, batch_size: int = 32,
-                    device: str | torch.device = "cpu", progress: bool = True) -> dict:
-    """Accuracy of `bundle` on the questions of `data`; refuses a model trained on template version 1
-    sequences, whose prompts this kdcache does not build (docs/decisions.md, template versions)."""
+                    device: str | torch.device = "cpu", progress: bool = True, per_question: bool = False) -> dict:
+    """Accuracy of `bundle` on the questions of `data` (with `per_question`, also "correct": exact match per
+    question in the data's order, for paired comparisons of two models); refuses a model trained on template
+    version 1 sequences, whose prompts this kdcache does not build (docs/decisions.md, template versions)."""
     if bundle.template_version not in (None, templates.TEMPLATE_VERSION):
         raise KdcacheError(f"{bundle.source} was trained on template version {bundle.template_version} sequences "
                            f"(each segment tokenised on its own); kdcache eval builds version "
@@ -103,6 +109,8 @@ def evaluate_bundle(bundle: models.Bundle, data: str | Path, images: str | Path 
     report = accuracy_report(questions, answers)
     report["examples"] = [{"sample_id": q.sample_id, "answer": q.answer, "generated": a}
                           for q, a in list(zip(questions, answers))[:5]]
+    if per_question:
+        report["correct"] = correct(questions, answers)
     return report
 
 

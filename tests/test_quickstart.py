@@ -12,7 +12,7 @@ from kdcache.cli import app
 from kdcache.evaluate import Question, accuracy_report, normalize
 from kdcache.models import load_bundle
 from kdcache.toy.models import load_toy
-from kdcache.toy.recipe import run_quickstart, small_plan
+from kdcache.toy.recipe import format_table, paired_gain, run_quickstart, small_plan
 
 
 def test_exact_match_ignores_case_space_and_a_final_full_stop():
@@ -29,6 +29,19 @@ def test_accuracy_report_counts_per_question_type():
     assert report["per_type"]["count"] == {"accuracy": 0.0, "num_questions": 1}
 
 
+def test_paired_gain_matches_a_plain_computation():
+    baseline, distilled = [1, 0, 0, 1, 1, 0], [1, 1, 0, 0, 1, 1]
+    diffs = torch.tensor([d - b for b, d in zip(baseline, distilled)], dtype=torch.float64)
+    gain = paired_gain([bool(x) for x in baseline], [bool(x) for x in distilled])
+    assert gain["distilled_minus_baseline"] == pytest.approx(float(diffs.mean()))
+    assert gain["paired_se"] == pytest.approx(float(diffs.std(unbiased=True) / len(diffs) ** 0.5))
+    assert (gain["discordant"], gain["num_questions"]) == (3, 6)
+    assert paired_gain([True], [False]) == {"distilled_minus_baseline": -1.0, "paired_se": None, "discordant": 1,
+                                            "num_questions": 1}
+    with pytest.raises(ValueError):
+        paired_gain([True, False], [True])
+
+
 @pytest.mark.slow
 def test_quickstart_runs_the_whole_recipe_and_writes_its_report(tmp_path):
     report = run_quickstart(tmp_path / "qs", plan=small_plan(), progress=False)
@@ -36,6 +49,14 @@ def test_quickstart_runs_the_whole_recipe_and_writes_its_report(tmp_path):
     assert set(on_disk["accuracy"]) == {"teacher", "baseline", "distilled"}
     assert all(0.0 <= a <= 1.0 for a in on_disk["accuracy"].values())
     assert on_disk["accuracy"] == report["accuracy"]
+    n = on_disk["num_questions"]
+    for name, hits in on_disk["correct"].items():           # per question, in eval order: the accuracy again
+        assert len(hits) == n and sum(hits) / n == pytest.approx(on_disk["accuracy"][name])
+    gain = on_disk["gain"]
+    assert gain["num_questions"] == n
+    assert gain["distilled_minus_baseline"] == pytest.approx(on_disk["accuracy"]["distilled"] - on_disk["accuracy"]["baseline"])
+    assert gain["discordant"] == sum(b != d for b, d in zip(on_disk["correct"]["baseline"], on_disk["correct"]["distilled"]))
+    assert f"distilled - baseline: {gain['distilled_minus_baseline']:+.3f}" in format_table(on_disk)
     assert (tmp_path / "qs" / "report.png").stat().st_size > 10_000
     for cache in ("captions", "questions"):
         manifest = json.loads((tmp_path / "qs" / "caches" / cache / "manifest.json").read_text())
@@ -63,7 +84,7 @@ def test_quickstart_is_reproducible_on_the_same_machine(tmp_path):
         metrics = [(tmp_path / name / "runs" / run / "metrics.jsonl").read_text().splitlines() for name in ("a", "b")]
         strip = [[{k: v for k, v in json.loads(line).items() if k != "samples_per_s"} for line in m] for m in metrics]
         assert strip[0] == strip[1] and strip[0], run
-    for key in ("accuracy", "per_type", "cache_bytes", "environment"):
+    for key in ("accuracy", "per_type", "gain", "correct", "cache_bytes", "environment"):
         assert reports[0][key] == reports[1][key], key
     assert reports[0]["environment"]["torch"].startswith("2.")
 

@@ -141,7 +141,7 @@ class Recipe:
         from kdcache.models import load_bundle
 
         return self.timed(f"eval-{name}", evaluate_bundle, load_bundle(checkpoint), self.world["eval"],
-                          self.world["images_dir"], template="qwen2_base", progress=self.progress)
+                          self.world["images_dir"], template="qwen2_base", progress=self.progress, per_question=True)
 
 
 def run_quickstart(out: str | Path, *, seed: int = 0, plan: Plan = Plan(), progress: bool = True,
@@ -164,13 +164,30 @@ def run_quickstart(out: str | Path, *, seed: int = 0, plan: Plan = Plan(), progr
     report = {"seed": seed, "plan": plan.__dict__, "models": models,
               "accuracy": {name: r["accuracy"] for name, r in results.items()},
               "per_type": {name: {t: v["accuracy"] for t, v in r["per_type"].items()} for name, r in results.items()},
-              "num_questions": results["teacher"]["num_questions"], "seconds": recipe.seconds,
+              "num_questions": results["teacher"]["num_questions"],
+              "gain": paired_gain(results["baseline"]["correct"], results["distilled"]["correct"]),
+              "correct": {name: [int(hit) for hit in r["correct"]] for name, r in results.items()},
+              "seconds": recipe.seconds,
               "cache_bytes": recipe.cache_bytes, "environment": environment()}
     recipe.out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(recipe.out / "report.json", report)
     write_report_png(recipe.out, report)
     print(format_table(report))
     return report
+
+
+def paired_gain(baseline: list[bool], distilled: list[bool]) -> dict:
+    """Distilled minus baseline accuracy over the same questions, with the standard error of that paired
+    difference (the sample standard deviation of distilled_i - baseline_i over sqrt(n); None below two
+    questions) and the number of questions exactly one of the two answers right."""
+    import math
+
+    diffs = [int(d) - int(b) for b, d in zip(baseline, distilled, strict=True)]
+    n = len(diffs)
+    mean = sum(diffs) / n if n else 0.0
+    se = math.sqrt(sum((x - mean) ** 2 for x in diffs) / (n - 1) / n) if n > 1 else None
+    return {"distilled_minus_baseline": mean, "paired_se": se, "discordant": sum(x != 0 for x in diffs),
+            "num_questions": n}
 
 
 def environment() -> dict:
@@ -214,6 +231,10 @@ def format_table(report: dict) -> str:
     for name in ("teacher", "baseline", "distilled"):
         lines.append(f"{name:<10} {report['accuracy'][name]:>8.3f} "
                      + " ".join(f"{report['per_type'][name][t]:>9.3f}" for t in types))
+    gain = report["gain"]
+    se = "" if gain["paired_se"] is None else f" ± {gain['paired_se']:.3f} (paired standard error)"
+    lines.append(f"distilled - baseline: {gain['distilled_minus_baseline']:+.3f}{se}; {gain['discordant']} of "
+                 f"{gain['num_questions']} questions answered right by one student only")
     lines.append(f"total {sum(report['seconds'].values()):.0f} s: "
                  + ", ".join(f"{k} {v:.0f}s" for k, v in report["seconds"].items()))
     return "\n".join(lines)
