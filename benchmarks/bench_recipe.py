@@ -87,7 +87,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.compare_codecs and args.codec:
         parser.error("--codec and --compare-codecs exclude each other")
-    args.codec = args.codec or "lossless"
+    if not args.compare_codecs:          # with --compare-codecs both codecs are trained: no one codec to name
+        args.codec = args.codec or "lossless"
     return args
 
 

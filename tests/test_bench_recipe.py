@@ -21,7 +21,9 @@ def test_the_codec_switch_defaults_to_lossless_and_excludes_the_comparison():
     args = bench_recipe.parse_args([])
     assert args.codec == "lossless" and not args.compare_codecs and args.schemes == list(bench_recipe.SCHEMES)
     assert bench_recipe.parse_args(["--codec", "compact"]).codec == "compact"
-    assert bench_recipe.parse_args(["--compare-codecs", "--schemes", "DPT-SFT-DFT"]).schemes == ["DPT-SFT-DFT"]
+    compared = bench_recipe.parse_args(["--compare-codecs", "--schemes", "DPT-SFT-DFT"])
+    assert compared.schemes == ["DPT-SFT-DFT"] and compared.codec is None       # the JSON names no single codec
+    assert bench_recipe.parse_args(["--compare-targets"]).codec == "lossless"
     with pytest.raises(SystemExit):
         bench_recipe.parse_args(["--codec", "compact", "--compare-codecs"])
     with pytest.raises(SystemExit):
