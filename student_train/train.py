@@ -45,7 +45,7 @@ class StudentLoss(torch.nn.Module):
 
     The forward runs under autocast in the compute dtype (`--dtype`; bf16 on a GPU by default, float32 on
     the CPU); on CUDA in bf16 the LM-head GEMMs of the losses also take bf16 operands (float32 accumulation
-    and output, `losses.lowered_head`). Parameters and optimizer state stay float32. With RDist on a trained
+    and output, `rowloss.lowered_head`). Parameters and optimizer state stay float32. With RDist on a trained
     head, `start_micro_batch` makes G = WᵀW once per optimizer step (`losses.StepGram`).
     """
 
