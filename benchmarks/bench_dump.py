@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 from kdcache import models, samples, targets, writer  # noqa: E402
-from teacher_dump import dump  # noqa: E402
+from teacher_dump import dump, forward, prepare  # noqa: E402
 
 GOAL_DUMP_OVER_FORWARD = 1.15
 
@@ -95,7 +95,7 @@ def run_forward(model, inputs: list[dict]) -> None:
             model(**batch)
 
 
-def run_dump(teacher: dump.Teacher, records: list, cfg, run: dict, out: Path, timings: dict | None = None) -> dict:
+def run_dump(teacher: forward.Teacher, records: list, cfg, run: dict, out: Path, timings: dict | None = None) -> dict:
     """The dump's own loop (`dump_records`: prepare -> teacher_targets -> ShardWriter), then rank report + manifest."""
     return common.write_cache(teacher, records, dataclasses.replace(cfg, out=str(out)), run, timings=timings)
 
@@ -103,7 +103,7 @@ def run_dump(teacher: dump.Teacher, records: list, cfg, run: dict, out: Path, ti
 @dataclasses.dataclass
 class DumpInputs:
     """Everything both timed paths need, built before any timing."""
-    teacher: dump.Teacher
+    teacher: forward.Teacher
     cfg: object
     run: dict
     records: list
@@ -118,22 +118,22 @@ def prepare_dump_inputs(args, work: Path) -> DumpInputs:
     data = common.make_dataset(work / "data", args.samples)
     cfg = common.dump_config(data, work / "cache", batch_size=args.batch_size)
     start = time.process_time()
-    teacher = dump.Teacher.from_bundle(bundle, device=torch.device("cpu"), dtype=torch.float32, relation=True)
+    teacher = forward.Teacher.from_bundle(bundle, device=torch.device("cpu"), dtype=torch.float32, relation=True)
     gram_cpu = time.process_time() - start                              # G = WᵀW, once per dump
     run = dump.run_description(cfg, bundle, teacher, world_size=1)
     records = samples.load_records(data)
 
     start = time.process_time()
-    prepared = [dump.prepare(r, cfg, teacher) for r in records]
+    prepared = [prepare.prepare(r, cfg, teacher) for r in records]
     prepare_cpu = time.process_time() - start
-    inputs = [dump.model_inputs(batch, teacher) for batch in dump.batched(prepared, cfg.batch_size)]
+    inputs = [prepare.model_inputs(batch, teacher) for batch in prepare.batched(prepared, cfg.batch_size)]
     return DumpInputs(teacher, cfg, run, records, prepared, inputs, gram_cpu, prepare_cpu)
 
 
 def wrap_dump_stages(clock: Clock) -> list:
     """Time the dump's stages by wrapping the functions it calls; returns the undo callables."""
-    return [clock.wrap(dump, "read_image", "read + decode images (decoding threads)"),
-            clock.wrap(dump, "prepare", "tokenise (preparing thread)"),
+    return [clock.wrap(prepare, "read_image", "read + decode images (decoding threads)"),
+            clock.wrap(prepare, "prepare", "tokenise (preparing thread)"),
             clock.wrap(samples, "pixel_values", "image preprocessing (preparing thread)"),
             clock.wrap(models, "final_hidden_states", "teacher forward (hidden states)"),
             clock.wrap(targets, "topk_logprobs", "top-k log-probs (both roles)"),

@@ -60,7 +60,7 @@ from kdcache.reader import CacheReader  # noqa: E402
 from kdcache.sampler import ResumableSampler  # noqa: E402
 from student_train.config import TrainConfig  # noqa: E402
 from student_train.train import train  # noqa: E402
-from teacher_dump import dump  # noqa: E402
+from teacher_dump import dump, forward, prepare  # noqa: E402
 from teacher_dump.config import DumpConfig  # noqa: E402
 
 GOALS = {"dump_over_forward_wall": ("<=", 1.10), "dft_over_ce_same_rows": ("<=", 1.10),
@@ -293,7 +293,7 @@ def student_head(shapes: Shapes, device: torch.device) -> dict:
 def build_teacher(shapes: Shapes, device: torch.device, dtype: torch.dtype):
     bundle = common.build_bundle(shapes.teacher, seed=1, source="bench-teacher", logit_std=common.TEACHER_LOGIT_STD,
                                  vision=shapes.vision, device=str(device), dtype=dtype)
-    return bundle, dump.Teacher.from_bundle(bundle, device=device, dtype=dtype, relation=True)
+    return bundle, forward.Teacher.from_bundle(bundle, device=device, dtype=dtype, relation=True)
 
 
 def part_dump(args, shapes: Shapes, device: torch.device, work: Path, teacher_parts) -> dict:
@@ -303,8 +303,8 @@ def part_dump(args, shapes: Shapes, device: torch.device, work: Path, teacher_pa
                               device=str(device), dtype=str(teacher.dtype).removeprefix("torch."))
     run = dump.run_description(cfg, bundle, teacher, world_size=1)
     records = samples.load_records(data)
-    prepared = [dump.prepare(r, cfg, teacher) for r in records]
-    inputs = [device_inputs(dump.model_inputs(batch, teacher), teacher) for batch in dump.batched(prepared, cfg.batch_size)]
+    prepared = [prepare.prepare(r, cfg, teacher) for r in records]
+    inputs = [device_inputs(prepare.model_inputs(batch, teacher), teacher) for batch in prepare.batched(prepared, cfg.batch_size)]
 
     def forward():
         with torch.inference_mode():
@@ -349,9 +349,9 @@ def device_inputs(batch: dict, teacher) -> dict:
 
 def one_batch_breakdown(teacher, cfg, batch: list, device: torch.device) -> dict:
     """The teacher thread's work on one batch, one step at a time with the device synchronised (not overlapped)."""
-    prepared = dump.PreparedBatch(batch, dump.batch_inputs(batch, teacher))
+    prepared = prepare.PreparedBatch(batch, prepare.batch_inputs(batch, teacher))
     with torch.inference_mode():
-        _, t_all = timed(lambda: dump.teacher_targets(prepared, teacher, cfg), device)
+        _, t_all = timed(lambda: forward.teacher_targets(prepared, teacher, cfg), device)
         inputs = device_inputs(prepared.inputs, teacher)
         hidden, t_fwd = timed(lambda: models.final_hidden_states(teacher.model, inputs["input_ids"],
                                                                  inputs["attention_mask"], inputs["pixel_values"]),

@@ -237,10 +237,10 @@ def make_dataset(folder: Path, num_samples: int, *, seed: int = 0, answer_words:
 def dump_cache(bundle: models.Bundle, data: Path, out: Path, *, batch_size: int = 2) -> dict:
     """A real cache of `data` from `bundle`, through `teacher_dump.dump.dump_records`. Returns the manifest."""
     from kdcache import samples
-    from teacher_dump import dump
+    from teacher_dump import dump, forward
 
     cfg = dump_config(data, out, batch_size=batch_size)
-    teacher = dump.Teacher.from_bundle(bundle, device=torch.device("cpu"), dtype=torch.float32, relation=cfg.relation)
+    teacher = forward.Teacher.from_bundle(bundle, device=torch.device("cpu"), dtype=torch.float32, relation=cfg.relation)
     return write_cache(teacher, samples.load_records(data), cfg,
                        dump.run_description(cfg, bundle, teacher, world_size=1))
 

@@ -27,6 +27,7 @@ from kdcache.reader import CacheReader
 from kdcache.audit import verify_cache
 from kdcache.writer import completed_sample_ids
 from teacher_dump import dump as dump_module
+from teacher_dump import forward, prepare
 from teacher_dump.config import DumpConfig
 from teacher_dump.dump import dump
 
@@ -237,11 +238,11 @@ def serial_dump(teacher, records, cfg, writer) -> list[dict]:
     skipped, good = [], []
     for record in records:
         try:
-            good.append(dump_module.prepare(record, cfg, teacher))
+            good.append(prepare.prepare(record, cfg, teacher))
         except SampleError as e:
             skipped.append({"sample_id": e.sample_id, "reason": e.reason})
-    for batch in dump_module.batched(good, cfg.batch_size):
-        inputs = dump_module.model_inputs(batch, teacher)
+    for batch in prepare.batched(good, cfg.batch_size):
+        inputs = prepare.model_inputs(batch, teacher)
         pixels = inputs["pixel_values"]
         with torch.inference_mode():
             hidden = models.final_hidden_states(teacher.model, inputs["input_ids"].to(teacher.device),
@@ -281,7 +282,7 @@ def test_the_overlapped_dump_writes_the_bytes_of_a_serial_dump(device, dtype, ti
     data, images = toy_dataset(count=11, text_only=2)
     (images / "img-004.png").write_bytes(b"not a png")                       # skipped, in the middle of a batch
     bundle = models.load_bundle(str(tiny_teacher_dir), dtype=dtype)
-    teacher = dump_module.Teacher.from_bundle(bundle, device=torch.device(device), dtype=dtype, relation=True)
+    teacher = forward.Teacher.from_bundle(bundle, device=torch.device(device), dtype=dtype, relation=True)
     records = samples.load_records(data)
     shards = {}
     for name, loop in (("overlapped", dump_module.dump_records), ("serial", serial_dump)):
@@ -299,7 +300,7 @@ def test_the_overlapped_dump_writes_the_bytes_of_a_serial_dump(device, dtype, ti
 def test_an_error_in_the_background_preparation_names_the_sample_and_leaves_a_resumable_cache(
         tiny_teacher_dir, toy_dataset, tmp_path, monkeypatch, deadline):
     data, images = toy_dataset(count=10)
-    original, threads = dump_module.read_image, set()
+    original, threads = prepare.read_image, set()
 
     def failing(record, cfg):                   # runs in the decoding threads, behind the preparing one
         threads.add(threading.current_thread().name)
@@ -307,7 +308,7 @@ def test_an_error_in_the_background_preparation_names_the_sample_and_leaves_a_re
             raise SampleError(record.sample_id, "image unreadable (injected)")
         return original(record, cfg)
 
-    monkeypatch.setattr(dump_module, "read_image", failing)
+    monkeypatch.setattr(prepare, "read_image", failing)
     slow_writer(monkeypatch)
     out = tmp_path / "cache"
     with pytest.raises(SampleError, match="'sample-6': image unreadable"):
@@ -318,7 +319,7 @@ def test_an_error_in_the_background_preparation_names_the_sample_and_leaves_a_re
     # as a serial dump: samples 0-3 filled a record batch and a shard; 4 and 5 were still buffered (discarded)
     assert completed_sample_ids(out) == {f"sample-{i}" for i in range(4)}
     assert not list(out.glob("*.tmp")) and not (out / "manifest.json").exists()
-    monkeypatch.setattr(dump_module, "read_image", original)
+    monkeypatch.setattr(prepare, "read_image", original)
     run_dump(tiny_teacher_dir, data, images, out, batch_size=1, topk_response=4, topk_visual=4, shard_size_mb=0.001)
     assert sorted(s["sample_id"] for s in CacheReader(out, verify=True)) == sorted(f"sample-{i}" for i in range(10))
     assert verify_cache(out) == []
