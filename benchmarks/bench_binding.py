@@ -10,12 +10,17 @@ only colour / shape / size questions (each needs the binding), several per capti
 question each), next to `chance`, the expected accuracy of an LM that answers with a random value among
 those of the scene's objects (the no-binding baseline, computed on the same questions).
 
+    python benchmarks/bench_binding.py --stored teacher-lm|student-lm|teacher [--probe 600]
     python benchmarks/bench_binding.py [--steps 600] [--lr 1e-3] [--batch-size 32] [--turns 5]
                                        [--no-system-prompt] [--probe 200] [--probe-every 100]
-                                       [--layers N] [--hidden N] [--intermediate N] [--heads N] [--threads 1]
+                                       [--layers N] [--hidden N] [--intermediate N] [--heads N] [--kv-heads N]
+                                       [--tied | --no-tied] [--threads 1]
 
 One CPU thread by default; about 0.6 s per step for the default shape (teacher LM, batch 32) on a 2-core EPYC.
-Last stdout line: one JSON object ({"curve": [{"step", "loss", "accuracy"}], "chance", "final", ...}).
+`--stored` evaluates a stored LM of the toy world instead (no training; `teacher` is the trained teacher's LM,
+read text-only). Both report the accuracy and chance per reference form (which attributes the question
+names its object by: "shape", "size+pos", ...). Last stdout line: one JSON object ({"curve": [{"step",
+"loss", "accuracy"}], "chance", "final", "by_form": {form: {"n", "accuracy", "chance"}}, ...}).
 """
 
 from __future__ import annotations
@@ -85,17 +90,33 @@ def probe_set(n: int) -> list[tuple[dict, str, str, str]]:
     return out
 
 
+def reference_form(question: str) -> str:
+    """Which attributes the question's noun phrase names the object by, e.g. "size+pos", "shape"."""
+    words = question.rstrip("?").replace("small or large", "").split()
+    kinds = [kind for kind, values in (("color", toy_data.COLORS), ("shape", toy_data.SHAPES),
+                                       ("size", toy_data.SIZES)) if any(w in values for w in words[2:])]
+    if any(w in ("left", "right", "middle") for w in words):
+        kinds.append("pos")
+    return "+".join(kinds) or "object"
+
+
 @torch.no_grad()
-def accuracy(lm, tokenizer, probes, system_prompt: bool) -> float:
+def evaluate(lm, tokenizer, probes, system_prompt: bool) -> dict:
+    """Exact match of the next token after "ASSISTANT:" -> {"accuracy", "chance", "by_form": {form: {n, accuracy,
+    chance}}} over `probes`; `lm` is any module taking input_ids and returning logits (a LLaVA model text-only too)."""
     lm.eval()
-    hits = 0
-    for drawn, q, a, _ in probes:
+    forms: dict[str, list] = {}
+    for drawn, q, a, qtype in probes:
         prompt = (SYSTEM_PROMPT if system_prompt else "") + "USER: " + toy_data.caption(drawn) + "\n" + q + " ASSISTANT:"
         ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
         token = int(lm(**ids).logits[0, -1].argmax())
-        hits += tokenizer.decode([token]).strip() == a
+        forms.setdefault(reference_form(q), []).append((tokenizer.decode([token]).strip() == a, chance(drawn, qtype)))
     lm.train()
-    return hits / len(probes)
+    every = [x for v in forms.values() for x in v]
+    mean = lambda pairs, i: sum(p[i] for p in pairs) / len(pairs)      # noqa: E731
+    return {"accuracy": mean(every, 0), "chance": mean(every, 1),
+            "by_form": {f: {"n": len(v), "accuracy": mean(v, 0), "chance": mean(v, 1)}
+                        for f, v in sorted(forms.items(), key=lambda kv: -len(kv[1]))}}
 
 
 def build_lm(args):
@@ -107,7 +128,7 @@ def build_lm(args):
     text = dict(TOY_PRESETS["toy-teacher"]["text"])
     for key, value in (("num_hidden_layers", args.layers), ("hidden_size", args.hidden),
                        ("intermediate_size", args.intermediate), ("num_attention_heads", args.heads),
-                       ("num_key_value_heads", args.heads)):
+                       ("num_key_value_heads", args.kv_heads or args.heads), ("tie_word_embeddings", args.tied)):
         if value is not None:
             text[key] = value
     tokenizer = build_toy_tokenizer(image_token=True)
@@ -138,13 +159,24 @@ def train(args) -> dict:
         if step % args.probe_every == 0 or step == args.steps:
             recent = losses[-args.probe_every:]
             point = {"step": step, "loss": sum(recent) / len(recent),
-                     "accuracy": accuracy(lm, tokenizer, probes, args.system_prompt),
+                     "accuracy": evaluate(lm, tokenizer, probes, args.system_prompt)["accuracy"],
                      "seconds": time.perf_counter() - started}
             curve.append(point)
             print(f"step {step:6d}  loss {point['loss']:.3f}  accuracy {point['accuracy']:.3f}", flush=True)
-    no_binding = sum(chance(d, t) for d, _, _, t in probes) / len(probes)
-    return {"lm": text, "curve": curve, "chance": no_binding, "final": curve[-1]["accuracy"],
-            "seconds_per_step": curve[-1]["seconds"] / args.steps}
+    final = evaluate(lm, tokenizer, probes, args.system_prompt)
+    return {"lm": text, "curve": curve, "chance": final["chance"], "final": final["accuracy"],
+            "by_form": final["by_form"], "seconds_per_step": curve[-1]["seconds"] / args.steps}
+
+
+def stored(args) -> dict:
+    """The stored toy LM `args.stored` (kdcache/toy/weights) on the same probes, text only, no training."""
+    from kdcache.toy.models import load_toy
+
+    preset = "toy-teacher" if args.stored.startswith("teacher") else "toy-student"
+    bundle = load_toy(preset, start=args.stored)
+    result = evaluate(bundle.model, bundle.tokenizer, probe_set(args.probe), args.system_prompt)
+    return {"stored": args.stored, "final": result["accuracy"], "chance": result["chance"],
+            "by_form": result["by_form"]}
 
 
 def parse_args(argv=None):
@@ -161,8 +193,13 @@ def parse_args(argv=None):
     parser.add_argument("--hidden", type=int)
     parser.add_argument("--intermediate", type=int)
     parser.add_argument("--heads", type=int)
+    parser.add_argument("--kv-heads", type=int, help="key/value heads (default: --heads, or the preset's)")
+    parser.add_argument("--tied", action=argparse.BooleanOptionalAction, default=None,
+                        help="tie the input and output embeddings (default: as toy-teacher, untied)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--stored", choices=("teacher-lm", "student-lm", "teacher"),
+                        help="evaluate this stored toy LM (kdcache/toy/weights) instead of training one")
     args = parser.parse_args(argv)
     if min(args.steps, args.batch_size, args.turns, args.probe, args.probe_every) < 1:
         parser.error("--steps, --batch-size, --turns, --probe and --probe-every must be >= 1")
@@ -172,8 +209,14 @@ def parse_args(argv=None):
 def main(argv=None) -> None:
     args = parse_args(argv)
     common.set_threads(args.threads)
-    result = train(args)
-    settings = {k: getattr(args, k) for k in ("steps", "lr", "batch_size", "turns", "system_prompt", "probe", "seed")}
+    result = stored(args) if args.stored else train(args)
+    common.print_table(f"exact match by reference form ({args.stored or 'trained here'}; chance: a random value "
+                       "among the scene's objects')", ["form", "n", "accuracy", "chance"],
+                       [[f, v["n"], f"{v['accuracy']:.3f}", f"{v['chance']:.3f}"] for f, v in result["by_form"].items()]
+                       + [["all", sum(v["n"] for v in result["by_form"].values()), f"{result['final']:.3f}",
+                           f"{result['chance']:.3f}"]])
+    settings = {k: getattr(args, k) for k in ("steps", "lr", "batch_size", "turns", "system_prompt", "probe", "seed",
+                                              "stored")}
     print(json.dumps({"benchmark": "binding", "machine": common.machine(), "settings": settings,
                       **common.rounded(result)}))
 

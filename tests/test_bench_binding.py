@@ -28,6 +28,17 @@ def test_chance_is_one_over_the_distinct_values_of_the_asked_attribute():
     assert bench_binding.chance(_scene("red", "green"), "shape") == 1.0      # both circles: nothing to bind
 
 
+@pytest.mark.parametrize("question, form", [
+    ("What color is the square?", "shape"),
+    ("What shape is the small blue object on the left?", "color+size+pos"),
+    ("Is the red circle in the middle small or large?", "color+shape+pos"),
+    ("What size is the object on the right?", "pos"),
+    ("What color is the large object?", "size"),
+])
+def test_the_reference_form_names_the_attributes_that_pick_the_object(question, form):
+    assert bench_binding.reference_form(question) == form
+
+
 def test_probes_are_attribute_questions_about_several_objects_and_fixed():
     probes = bench_binding.probe_set(50)
     assert probes == bench_binding.probe_set(50)
@@ -50,10 +61,14 @@ def test_the_training_text_supervises_exactly_the_answers(system_prompt):
 
 def test_a_short_run_prints_its_curve_and_one_json_line(capsys):
     bench_binding.main(["--steps", "4", "--probe-every", "2", "--probe", "10", "--batch-size", "2", "--turns", "2",
-                        "--layers", "1", "--hidden", "32", "--intermediate", "64", "--heads", "2"])
+                        "--layers", "1", "--hidden", "32", "--intermediate", "64", "--heads", "2", "--kv-heads", "1",
+                        "--tied"])
     lines = capsys.readouterr().out.strip().splitlines()
     result = json.loads(lines[-1])
     assert result["benchmark"] == "binding" and [p["step"] for p in result["curve"]] == [2, 4]
     assert result["lm"]["num_hidden_layers"] == 1 and result["lm"]["hidden_size"] == 32
+    assert result["lm"]["num_key_value_heads"] == 1 and result["lm"]["tie_word_embeddings"] is True
+    assert sum(v["n"] for v in result["by_form"].values()) == 10
+    assert all(set(form.split("+")) <= {"color", "shape", "size", "pos"} for form in result["by_form"])
     assert 0.0 <= result["final"] <= 1.0 and 0.0 < result["chance"] <= 1.0
     assert result["curve"][0]["loss"] > 0 and result["settings"]["turns"] == 2
