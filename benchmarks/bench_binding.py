@@ -4,7 +4,7 @@ The toy teacher fails where a question picks an object by one attribute and asks
 the square?" with two objects): in text, with the scene's perfect caption in its context, the stored
 teacher LM answers such questions at about the rate of guessing among the values the caption names. This
 benchmark trains a toy Qwen2 LM from scratch (toy-teacher's architecture unless overridden) on text only,
-through `kdcache.toy.pretrain`'s labels (loss on the answers), on a focused task: scenes of 2-3 objects,
+through `kdcache.toy.pretrain.train_step` (loss on the answers), on a focused task: scenes of 2-3 objects,
 only colour / shape / size questions (each needs the binding), several per caption, and reports at every
 `--probe-every` steps the exact match of the next token after "ASSISTANT:" on held-out scenes (one
 question each), next to `chance`, the expected accuracy of an LM that answers with a random value among
@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from kdcache.templates import END_TOKEN, GPT, HUMAN, SYSTEM_PROMPT, Rendered, render  # noqa: E402
 from kdcache.toy import data as toy_data  # noqa: E402
-from kdcache.toy.pretrain import _labels  # noqa: E402
+from kdcache.toy.pretrain import train_step  # noqa: E402
 
 QTYPES = ("color", "shape", "size")          # the attribute questions: each names an object by other attributes
 
@@ -149,13 +149,7 @@ def train(args) -> dict:
     lm.train()
     for step in range(1, args.steps + 1):
         batch = [dialogue(rng, args.turns, args.system_prompt) for _ in range(args.batch_size)]
-        loss = lm(**_labels(tokenizer, batch, True)).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        losses.append(train_step(lm, tokenizer, batch, optimizer, schedule))
         if step % args.probe_every == 0 or step == args.steps:
             recent = losses[-args.probe_every:]
             point = {"step": step, "loss": sum(recent) / len(recent),

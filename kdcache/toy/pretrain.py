@@ -104,15 +104,22 @@ def pretrain_lm(language_model, tokenizer, plan: LMPlan = LMPlan(), *, progress:
         for step in tqdm(range(plan.steps), desc="pretrain LM", unit="step", disable=not progress):
             most = max_objects(step, plan.steps)
             batch = [dialogue(rng, most, plan.turns, plan.describe) for _ in range(plan.batch_size)]
-            loss = language_model(**_labels(tokenizer, batch, plan.answers_only)).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(language_model.parameters(), 1.0)
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
+            losses.append(train_step(language_model, tokenizer, batch, optimizer, schedule,
+                                     answers_only=plan.answers_only))
     language_model.eval()
     return losses
+
+
+def train_step(language_model, tokenizer, batch: list, optimizer, schedule, *, answers_only: bool = True) -> float:
+    """One optimizer step of next-token cross-entropy on `batch` (rendered dialogues, labelled by `_labels`),
+    gradient norm clipped at 1, then the schedule's step; returns the loss."""
+    loss = language_model(**_labels(tokenizer, batch, answers_only)).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(language_model.parameters(), 1.0)
+    optimizer.step()
+    schedule.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item()
 
 
 def _lr_factor(step: int, plan: LMPlan) -> float:
