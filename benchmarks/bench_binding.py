@@ -121,9 +121,9 @@ def evaluate(lm, tokenizer, probes, system_prompt: bool) -> dict:
 
 def build_lm(args):
     """toy-teacher's LM shape (or the overrides), freshly initialised, and the toy tokenizer."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers import Qwen2ForCausalLM
 
-    from kdcache.toy.models import TOY_PRESETS, build_toy_tokenizer
+    from kdcache.toy.models import TOY_PRESETS, build_toy_tokenizer, toy_text_config
 
     text = dict(TOY_PRESETS["toy-teacher"]["text"])
     for key, value in (("num_hidden_layers", args.layers), ("hidden_size", args.hidden),
@@ -133,9 +133,7 @@ def build_lm(args):
             text[key] = value
     tokenizer = build_toy_tokenizer(image_token=True)
     torch.manual_seed(args.seed)
-    lm = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
-                                      pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
-                                      max_position_embeddings=1024, **text))
+    lm = Qwen2ForCausalLM(toy_text_config(text, tokenizer))
     return lm, tokenizer, text
 
 
@@ -152,12 +150,11 @@ def train(args) -> dict:
         losses.append(train_step(lm, tokenizer, batch, optimizer, schedule))
         if step % args.probe_every == 0 or step == args.steps:
             recent = losses[-args.probe_every:]
-            point = {"step": step, "loss": sum(recent) / len(recent),
-                     "accuracy": evaluate(lm, tokenizer, probes, args.system_prompt)["accuracy"],
+            final = evaluate(lm, tokenizer, probes, args.system_prompt)        # the last one is the result
+            point = {"step": step, "loss": sum(recent) / len(recent), "accuracy": final["accuracy"],
                      "seconds": time.perf_counter() - started}
             curve.append(point)
             print(f"step {step:6d}  loss {point['loss']:.3f}  accuracy {point['accuracy']:.3f}", flush=True)
-    final = evaluate(lm, tokenizer, probes, args.system_prompt)
     return {"lm": text, "curve": curve, "chance": final["chance"], "final": final["accuracy"],
             "by_form": final["by_form"], "seconds_per_step": curve[-1]["seconds"] / args.steps}
 

@@ -118,6 +118,14 @@ def _pooling_patch_embedding(conv: torch.nn.Conv2d, *, blocks: int) -> None:
                 k += 1
 
 
+def toy_text_config(text_config: dict, tokenizer) -> Qwen2Config:
+    """The Qwen2 config of a toy LM of shape `text_config` over the toy tokenizer (one row per token unless
+    `text_config` sets a larger `vocab_size`)."""
+    return Qwen2Config(**{"vocab_size": len(tokenizer), "eos_token_id": tokenizer.eos_token_id,
+                          "pad_token_id": tokenizer.pad_token_id, "bos_token_id": None,
+                          "max_position_embeddings": 1024, **text_config})
+
+
 def build_toy_bundle(text_config: dict, *, seed: int, source: str, vision_config: dict | None = None,
                      dtype: torch.dtype = torch.float32) -> Bundle:
     """A Qwen2 LM from `text_config` joined to the toy tower by `compose`, seeded, without touching global RNG.
@@ -129,10 +137,7 @@ def build_toy_bundle(text_config: dict, *, seed: int, source: str, vision_config
     tower = toy_vision_tower(**vision)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        language_model = Qwen2ForCausalLM(Qwen2Config(**{
-            "vocab_size": len(tokenizer), "eos_token_id": tokenizer.eos_token_id,
-            "pad_token_id": tokenizer.pad_token_id, "bos_token_id": None, "max_position_embeddings": 1024,
-            **text_config}))
+        language_model = Qwen2ForCausalLM(toy_text_config(text_config, tokenizer))
         bundle = compose(tower, language_model, tokenizer, siglip_image_processor(vision["image_size"]),
                          source=source)
     bundle.model.to(dtype)
