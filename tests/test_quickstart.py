@@ -94,8 +94,12 @@ def test_quickstart_can_train_its_teacher_from_the_stored_text_pretrained_lm(tmp
     report = run_quickstart(tmp_path / "qs", plan=small_plan(), progress=False, train_teacher=True)
     assert report["models"]["teacher"] == str(tmp_path / "qs" / "runs" / "teacher-sft" / "final")
     steps = {run: len((tmp_path / "qs" / "runs" / run / "metrics.jsonl").read_text().splitlines())
-             for run in ("teacher-pt", "teacher-sft")}
-    assert steps == {"teacher-pt": small_plan().teacher_pt_steps, "teacher-sft": small_plan().teacher_sft_steps}
+             for run in ("teacher-pt", "teacher-binding", "teacher-sft")}
+    plan = small_plan()
+    assert steps == {"teacher-pt": plan.teacher_pt_steps, "teacher-binding": plan.teacher_binding_steps,
+                     "teacher-sft": plan.teacher_sft_steps}
+    several = json.loads((tmp_path / "qs" / "data" / "several.json").read_text())
+    assert several and all(len(s["scene"]["objects"]) >= 2 for s in several)
     init = load_bundle(str(tmp_path / "qs" / "runs" / "teacher-init")).model.state_dict()
     stored = load_toy("toy-teacher", start="teacher-lm").model.state_dict()
     assert all(torch.equal(v, stored[k]) for k, v in init.items())

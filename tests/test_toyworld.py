@@ -174,3 +174,25 @@ def test_answer_of_gives_none_for_an_untagged_turn():
     sample = {"conversations": [{"from": "human", "value": "<image>\nq"},
                                 {"from": "gpt", "value": "a"}]}
     assert toy_data.answer_of(sample) == [("<image>\nq", "a", None)]
+
+
+def test_a_fixed_number_of_turns_asks_every_type_and_keeps_the_eval_split(tmp_path):
+    plain = toy_data.generate(tmp_path / "plain", num_train=40, num_eval=20, seed=5)
+    fixed = toy_data.generate(tmp_path / "fixed", num_train=40, num_eval=20, seed=5, turns=5)
+    for sample in json.loads(fixed["train"].read_text()):
+        pairs = toy_data.answer_of(sample)
+        qtypes = [qtype for _, _, qtype in pairs]
+        assert len(set(qtypes)) == len(qtypes) >= 4          # every type but one that has no unique reference
+        for question, answer, _ in pairs:
+            assert _expected(question.removeprefix("<image>\n"), sample["scene"]["objects"]) == answer
+    assert fixed["eval"].read_bytes() == plain["eval"].read_bytes()
+    assert fixed["num_train_turns"] > 2 * plain["num_train_turns"]
+    with pytest.raises(ValueError, match="turns None or 1-5"):
+        toy_data.generate(tmp_path / "bad", num_train=2, turns=6)
+
+
+def test_several_objects_keeps_exactly_the_scenes_of_two_or_more(world, tmp_path):
+    _, info, splits = world
+    kept = json.loads(toy_data.several_objects(info["train"], tmp_path / "several.json").read_text())
+    assert kept == [s for s in splits["train"] if len(s["scene"]["objects"]) > 1]
+    assert 0 < len(kept) < len(splits["train"])

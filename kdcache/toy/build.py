@@ -3,9 +3,11 @@
     tower        `pretrain.pretrain_tower` from the TOWER_SEED initialisation                  -> tower
     student-lm   toy-student's LM, text-only `pretrain.pretrain_lm`                              -> student-lm
     teacher-lm   toy-teacher's LM, the same way                                                 -> teacher-lm
-    teacher      teacher-lm joined to the tower, then PT (projector only, captions) and SFT
-                 (questions and captions) through `kdcache train` on the toy data of seed
-                 `teacher_data_seed` (not a quickstart seed), evaluated on its held-out split     -> teacher
+    teacher      teacher-lm joined to the tower, then PT (projector only, captions), SFT on the
+                 questions about 2-3-object scenes (`teacher_binding_steps`, 0 in the stored plan)
+                 and SFT on the questions and captions, through `kdcache train` on the toy data
+                 of seed `teacher_data_seed` (not a quickstart seed), evaluated on its held-out
+                 split                                                                            -> teacher
 
 Writes kdcache/toy/weights/ (or --out); `--step` runs some steps only (each reads what the earlier
 ones wrote, so steps can run in separate processes). Prints one JSON line: the plan, the sha256s,
@@ -32,11 +34,13 @@ STEPS = ("tower", "student-lm", "teacher-lm", "teacher")
 @dataclass(frozen=True)
 class BuildPlan:
     tower: TowerPlan = TowerPlan()
-    student_lm: LMPlan = LMPlan()
-    teacher_lm: LMPlan = LMPlan()
+    student_lm: tuple[LMPlan, ...] = (LMPlan(),)      # phases, each from the float16 weights of the one before
+    teacher_lm: tuple[LMPlan, ...] = (LMPlan(),)
     teacher_data_seed: int = 100
     teacher_num_train: int = 10000
+    teacher_turns: int | None = None  # questions per training scene (toy_data.generate); None: 1-3 at random
     teacher_pt_steps: int = 200
+    teacher_binding_steps: int = 0    # SFT on the scenes of 2-3 objects before the last SFT (Recipe.teacher)
     teacher_sft_steps: int = 1000
     teacher_batch_size: int = 32
     lr_pt: float = 2e-3
@@ -67,10 +71,11 @@ def _build(out: Path, plan: BuildPlan, steps, work: Path | None, progress: bool)
             summary["sha256"][step] = _tower(out, plan, progress)
         elif step in ("student-lm", "teacher-lm"):
             preset = "toy-student" if step == "student-lm" else "toy-teacher"
-            lm_plan = plan.student_lm if step == "student-lm" else plan.teacher_lm
-            bundle = text_pretrained(preset, lm_plan, progress=progress)
+            lm_plans = plan.student_lm if step == "student-lm" else plan.teacher_lm
+            bundle = text_pretrained(preset, lm_plans, progress=progress)
             summary["sha256"][step] = weights.save(weights.language_model_state(bundle.model), step, out,
-                                                   dtype=_dtype("float16"), build={"plan": asdict(lm_plan)})
+                                                   dtype=_dtype("float16"),
+                                                   build={"plan": [asdict(p) for p in lm_plans]})
         else:
             with tempfile.TemporaryDirectory(dir=work) as tmp:
                 trained, accuracy = _train_teacher(out, Path(tmp), plan, progress)
@@ -99,8 +104,12 @@ def _tower(out: Path, plan: BuildPlan, progress: bool) -> str:
                         build={"plan": asdict(plan.tower), "loss_first_last": [losses[0], losses[-1]]})
 
 
-def text_pretrained(name: str, lm_plan: LMPlan, *, progress: bool = True):
-    """Preset `name`'s architecture (code-initialised tower, fresh projector), its LM pretrained on text."""
+def text_pretrained(name: str, lm_plans: tuple[LMPlan, ...], *, progress: bool = True):
+    """Preset `name`'s architecture (code-initialised tower, fresh projector), its LM pretrained on text by
+    `lm_plans` in turn, each with a fresh optimizer from the float16 rounding of the weights before it (as if
+    stored and loaded between them)."""
+    import torch
+
     from transformers import Qwen2ForCausalLM
 
     from kdcache.toy.models import TOY_PRESETS, build_toy_bundle
@@ -110,7 +119,12 @@ def text_pretrained(name: str, lm_plan: LMPlan, *, progress: bool = True):
     bundle = build_toy_bundle(preset["text"], seed=preset["seed"], source=name)
     causal_lm = Qwen2ForCausalLM(bundle.model.config.text_config)       # a view sharing the LLaVA model's modules
     causal_lm.model, causal_lm.lm_head = bundle.model.model.language_model, bundle.model.lm_head
-    pretrain_lm(causal_lm, bundle.tokenizer, lm_plan, progress=progress)
+    for i, lm_plan in enumerate(lm_plans):
+        if i:
+            with torch.no_grad():
+                for tensor in causal_lm.state_dict().values():
+                    tensor.copy_(tensor.half())
+        pretrain_lm(causal_lm, bundle.tokenizer, lm_plan, progress=progress)
     return bundle
 
 
@@ -121,7 +135,9 @@ def _train_teacher(out: Path, tmp: Path, plan: BuildPlan, progress: bool):
     from kdcache.toy.recipe import Plan, Recipe
 
     save_bundle(load_toy("toy-teacher", stored=out, start="teacher-lm"), tmp / "init", stages=[])
-    recipe = Recipe(tmp, plan=replace(Plan(), num_train=plan.teacher_num_train, teacher_pt_steps=plan.teacher_pt_steps,
+    recipe = Recipe(tmp, plan=replace(Plan(), num_train=plan.teacher_num_train, turns=plan.teacher_turns,
+                                      teacher_pt_steps=plan.teacher_pt_steps,
+                                      teacher_binding_steps=plan.teacher_binding_steps,
                                       teacher_sft_steps=plan.teacher_sft_steps,
                                       teacher_batch_size=plan.teacher_batch_size, lr_pt=plan.lr_pt,
                                       lr_ft=plan.lr_sft),

@@ -211,8 +211,9 @@ def _scene_key(scene: dict) -> str:
 
 
 def _split(rng: random.Random, split: str, count: int, image_size: int, images_dir: Path,
-           taken: set[str]) -> tuple[list[dict], list[dict]]:
-    """Draw `count` scenes whose keys are not in `taken`, save their PNGs; (question, caption) samples."""
+           taken: set[str], turns: int | None = None) -> tuple[list[dict], list[dict]]:
+    """Draw `count` scenes whose keys are not in `taken`, save their PNGs; (question, caption) samples with
+    `turns` questions each (1-3 at random when None)."""
     questions, captions = [], []
     while len(questions) < count:
         scene = _random_scene(rng, image_size)
@@ -221,14 +222,21 @@ def _split(rng: random.Random, split: str, count: int, image_size: int, images_d
         taken.add(_scene_key(scene))
         name = f"{split}-{len(questions):06d}"
         render(scene, image_size).save(images_dir / f"{name}.png", format="PNG")
-        turns = _conversations(rng, scene, rng.choice((1, 1, 2, 3)))
-        questions.append({"id": f"toy-{name}", "image": f"{name}.png", "conversations": turns,
+        conversation = _conversations(rng, scene, turns or rng.choice((1, 1, 2, 3)))
+        questions.append({"id": f"toy-{name}", "image": f"{name}.png", "conversations": conversation,
                           "scene": scene})
         captions.append({"id": f"toy-{name}-caption", "image": f"{name}.png", "scene": scene,
                          "conversations": [
                              {"from": "human", "value": f"<image>\n{CAPTION_PROMPT}"},
                              {"from": "gpt", "value": caption(scene), "qtype": "caption"}]})
     return questions, captions
+
+
+def several_objects(data: Path, out: Path) -> Path:
+    """Write the samples of `data` whose scene has two or more objects to `out` (the toy teacher's binding
+    stage: every question there needs picking one object among several); returns `out`."""
+    _write_json(out, [s for s in json.loads(Path(data).read_text()) if len(s["scene"]["objects"]) >= 2])
+    return out
 
 
 def _write_json(path: Path, samples: list[dict]) -> None:
@@ -238,26 +246,28 @@ def _write_json(path: Path, samples: list[dict]) -> None:
 
 
 def generate(out_dir, *, num_train: int = 2000, num_eval: int = 200, image_size: int = 64,
-             seed: int = 0) -> dict:
+             seed: int = 0, turns: int | None = None) -> dict:
     """Write the toy world under `out_dir`; the same arguments give byte-identical files.
 
     Train and eval draw from separate seeded streams, so the eval set does not change with
     num_train (unless a train scene collides with it); no eval image equals a train image.
+    `turns` (1-5) fixes the number of questions per train scene, each of another type (the toy teacher's
+    SFT data: 5, every answerable type); by default 1-3 at random. The eval split always draws 1-3.
     captions.json covers the train images only. teacher.json is train.json followed by captions.json:
     the captions' dense, image-determined words are what teach a from-scratch toy LM to look at the
     image (docs/decisions.md, "Toy world"). Returns {"out_dir", "images_dir", "captions", "train",
     "eval", "teacher": Path, "num_train", "num_eval", "num_train_turns", "num_eval_turns": int}.
     """
-    if num_train < 1 or num_eval < 0 or image_size < 32:
-        raise ValueError(f"need num_train >= 1, num_eval >= 0, image_size >= 32; got "
-                         f"{num_train}, {num_eval}, {image_size}")
+    if num_train < 1 or num_eval < 0 or image_size < 32 or turns not in (None, *range(1, len(_QTYPES) + 1)):
+        raise ValueError(f"need num_train >= 1, num_eval >= 0, image_size >= 32, turns None or 1-{len(_QTYPES)}; "
+                         f"got {num_train}, {num_eval}, {image_size}, {turns}")
     out_dir = Path(out_dir)
     images_dir = out_dir / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
     taken: set[str] = set()
     # The stream names keep this module's former name (toyworld): renaming them would redraw every scene.
     train, captions = _split(random.Random(f"toyworld-{seed}-train"), "train", num_train,
-                             image_size, images_dir, taken)
+                             image_size, images_dir, taken, turns)
     evaluation, _ = _split(random.Random(f"toyworld-{seed}-eval"), "eval", num_eval,
                            image_size, images_dir, taken)
     paths = {"captions": out_dir / "captions.json", "train": out_dir / "train.json",

@@ -40,6 +40,10 @@ class LMPlan:
     turns: int = 5               # questions per dialogue
     describe: float = 0.25       # chance that a dialogue opens with "Describe the image." answered by the caption
     answers_only: bool = True    # loss on the answers only (as SFT), not on every token
+    task: str = "curriculum"     # dialogues under `max_objects` | "scenes": of 1-3 objects | "binding": `binding_dialogue`
+    decay: bool = True           # cosine decay over the last quarter of the steps (False: constant after warmup)
+    stream: str = ""             # name of the random stream of dialogues ("" -> "toy-lm-{seed}")
+    system_prompt: bool = True   # dialogues open with the template's system prompt
 
 
 def max_objects(step: int, steps: int) -> int:
@@ -71,6 +75,50 @@ def dialogue(rng: random.Random, most: int, turns: int, describe: float = 0.0, i
     return render(pairs, template="qwen2_base", has_image=False, eos_token=END_TOKEN)
 
 
+BINDING_TYPES = ("color", "shape", "size")
+
+
+def binding_dialogue(rng: random.Random, turns: int, describe: float = 0.0, image_size: int = 64):
+    """A ``qwen2_base`` dialogue of `turns` colour / shape / size questions, each about one object of a
+    2-3-object scene picked by its other attributes (binding, which the curriculum of `dialogue` alone did not
+    teach the toy teacher's LM; docs/decisions.md, "Visual binding"), the caption where the image goes."""
+    from kdcache.templates import GPT, HUMAN, render
+    from kdcache.toy import data as toy_data
+
+    scene = toy_data._random_scene(rng, image_size)
+    while len(scene["objects"]) < 2:
+        scene = toy_data._random_scene(rng, image_size)
+    pairs = []
+    while len(pairs) < 2 * turns:
+        qa = toy_data._ask(rng, scene, rng.choice(BINDING_TYPES))
+        if qa:
+            pairs += [(HUMAN, qa[0]), (GPT, qa[1])]
+    caption = toy_data.caption(scene)
+    if rng.random() < describe:
+        pairs = [(HUMAN, toy_data.CAPTION_PROMPT), (GPT, caption), *pairs]
+    pairs[0] = (HUMAN, caption + "\n" + pairs[0][1])
+    return render(pairs, template="qwen2_base", has_image=False, eos_token=END_TOKEN)
+
+
+def _batch(rng: random.Random, plan: LMPlan, step: int) -> list:
+    """The step's dialogues under `plan.task`, with or without the system prompt."""
+    if plan.task == "binding":
+        batch = [binding_dialogue(rng, plan.turns, plan.describe) for _ in range(plan.batch_size)]
+    else:
+        most = max_objects(step, plan.steps) if plan.task == "curriculum" else 3
+        batch = [dialogue(rng, most, plan.turns, plan.describe) for _ in range(plan.batch_size)]
+    return batch if plan.system_prompt else [_without_system_prompt(r) for r in batch]
+
+
+def _without_system_prompt(rendered):
+    """`rendered` with the leading system prompt cut off, its answer spans moved with the text."""
+    from kdcache.templates import SYSTEM_PROMPT, Rendered
+
+    n = len(SYSTEM_PROMPT)
+    assert rendered.text.startswith(SYSTEM_PROMPT)
+    return Rendered(rendered.text[n:], [(start - n, end - n) for start, end in rendered.answers])
+
+
 def _labels(tokenizer, rendered: list, answers_only: bool) -> dict:
     """The batch's encoding with `labels`: every real token, or only those inside an answer span."""
     encoded = tokenizer([r.text for r in rendered], add_special_tokens=False, padding=True, return_tensors="pt",
@@ -88,13 +136,15 @@ def _labels(tokenizer, rendered: list, answers_only: bool) -> dict:
 
 
 def pretrain_lm(language_model, tokenizer, plan: LMPlan = LMPlan(), *, progress: bool = True) -> list[float]:
-    """Train `language_model` (a causal LM, in place) on toy dialogues (`dialogue`, under the `max_objects`
-    curriculum); returns the loss per step.
+    """Train `language_model` (a causal LM, in place) on toy dialogues (`plan.task`: `dialogue` under the
+    `max_objects` curriculum, or of 1-3 objects, or `binding_dialogue`); returns the loss per step.
 
     Next-token cross-entropy on the answers (`plan.answers_only`) or on every token (padding excluded),
     AdamW, `_lr_factor`'s schedule; deterministic for a given plan, machine and thread count.
     """
-    rng = random.Random(f"toy-lm-{plan.seed}")
+    if plan.task not in ("curriculum", "scenes", "binding"):
+        raise ValueError(f"LMPlan.task must be curriculum, scenes or binding, not {plan.task!r}")
+    rng = random.Random(plan.stream or f"toy-lm-{plan.seed}")
     optimizer = torch.optim.AdamW(language_model.parameters(), lr=plan.lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, plan))
     language_model.train()
@@ -102,9 +152,7 @@ def pretrain_lm(language_model, tokenizer, plan: LMPlan = LMPlan(), *, progress:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(plan.seed)
         for step in tqdm(range(plan.steps), desc="pretrain LM", unit="step", disable=not progress):
-            most = max_objects(step, plan.steps)
-            batch = [dialogue(rng, most, plan.turns, plan.describe) for _ in range(plan.batch_size)]
-            losses.append(train_step(language_model, tokenizer, batch, optimizer, schedule,
+            losses.append(train_step(language_model, tokenizer, _batch(rng, plan, step), optimizer, schedule,
                                      answers_only=plan.answers_only))
     language_model.eval()
     return losses
@@ -124,13 +172,14 @@ def train_step(language_model, tokenizer, batch: list, optimizer, schedule, *, a
 
 def _lr_factor(step: int, plan: LMPlan) -> float:
     """Linear warmup, constant, then a cosine decay over the last quarter of the steps (reading emerges late,
-    in the last third of the curriculum: a decay over all steps starved it, colour 0.17 at 1,500 steps)."""
+    in the last third of the curriculum: a decay over all steps starved it, colour 0.17 at 1,500 steps); without
+    `plan.decay`, constant after the warmup."""
     import math
 
     if step < plan.warmup:
         return (step + 1) / plan.warmup
     start = 3 * plan.steps // 4
-    if step < start:
+    if step < start or not plan.decay:
         return 1.0
     return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - start) / max(1, plan.steps - start))))
 

@@ -32,8 +32,10 @@ class Plan:
 
     num_train: int = 1500
     num_eval: int = 200
+    turns: int | None = None              # questions per train scene (toy_data.generate); None: 1-3 at random
     batch_size: int = 16
     teacher_pt_steps: int = BuildPlan.teacher_pt_steps       # --train-teacher only: the stored teacher's steps
+    teacher_binding_steps: int = BuildPlan.teacher_binding_steps
     teacher_sft_steps: int = BuildPlan.teacher_sft_steps
     teacher_batch_size: int = BuildPlan.teacher_batch_size
     student_pt_steps: int = 60
@@ -75,7 +77,7 @@ class Recipe:
         """Generate the toy world under out/data; every later step reads it from `self.world`."""
         plan = self.plan
         self.world = self.timed("data", toy_data.generate, self.out / "data", num_train=plan.num_train,
-                                num_eval=plan.num_eval, seed=self.seed)
+                                num_eval=plan.num_eval, seed=self.seed, turns=plan.turns)
 
     def train(self, name: str, stage: str, student: str, steps: int, *, seed: int | None = None,
               batch_size: int | None = None, **source) -> str:
@@ -93,15 +95,22 @@ class Recipe:
         return str(self.timed(name, train, cfg))
 
     def teacher(self, init: str) -> str:
-        """Checkpoint `init` (a text-pretrained teacher, fresh projector) trained PT (captions) then SFT
-        (questions and captions), with the students' trainer."""
+        """Checkpoint `init` (a text-pretrained teacher, fresh projector) trained PT (captions), then SFT on the
+        questions about scenes of two or more objects (`teacher_binding_steps`; where binding attributes to
+        objects over the image tokens is learned, docs/decisions.md "Visual binding"), then SFT on all the
+        questions and the captions (without the captions the teacher forgets them, and the students' DPT
+        follows it away from them), with the students' trainer."""
         world, plan = self.world, self.plan
         images = str(world["images_dir"])
         batch = plan.teacher_batch_size
-        pt = self.train("teacher-pt", "pt", init, plan.teacher_pt_steps, batch_size=batch, data=str(world["captions"]),
-                        images=images)
-        return self.train("teacher-sft", "sft", pt, plan.teacher_sft_steps, batch_size=batch, data=str(world["teacher"]),
-                          images=images)
+        model = self.train("teacher-pt", "pt", init, plan.teacher_pt_steps, batch_size=batch,
+                           data=str(world["captions"]), images=images)
+        if plan.teacher_binding_steps:
+            several = toy_data.several_objects(world["train"], world["out_dir"] / "several.json")
+            model = self.train("teacher-binding", "sft", model, plan.teacher_binding_steps, batch_size=batch,
+                               data=str(several), images=images)
+        return self.train("teacher-sft", "sft", model, plan.teacher_sft_steps, batch_size=batch,
+                          data=str(world["teacher"]), images=images)
 
     def dump(self, teacher: str, *, codec: str = "lossless", into: str = "caches",
              visual_targets: str = "topk") -> dict[str, str]:
@@ -291,5 +300,6 @@ def _accuracy_bars(ax, report: dict) -> None:
 
 def small_plan() -> Plan:
     """A plan that exercises every step in seconds (tests)."""
-    return replace(Plan(), num_train=24, num_eval=8, batch_size=4, teacher_pt_steps=2, teacher_sft_steps=2,
+    return replace(Plan(), num_train=24, num_eval=8, batch_size=4, teacher_pt_steps=2, teacher_binding_steps=2,
+                   teacher_sft_steps=2,
                    teacher_batch_size=4, student_pt_steps=2, student_sft_steps=2, student_dft_steps=2, topk=8)
