@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from kdcache.templates import END_TOKEN, GPT, HUMAN, SYSTEM_PROMPT, Rendered, render  # noqa: E402
 from kdcache.toy import data as toy_data  # noqa: E402
-from kdcache.toy.pretrain import train_step  # noqa: E402
+from kdcache.toy.pretrain import train_step, without_system_prompt  # noqa: E402
 
 QTYPES = ("color", "shape", "size")          # the attribute questions: each names an object by other attributes
 
@@ -69,11 +69,7 @@ def dialogue(rng: random.Random, turns: int, system_prompt: bool) -> Rendered:
         pairs += [(HUMAN, q), (GPT, a)]
     pairs[0] = (HUMAN, toy_data.caption(drawn) + "\n" + pairs[0][1])
     rendered = render(pairs, template="qwen2_base", has_image=False, eos_token=END_TOKEN)
-    if system_prompt:
-        return rendered
-    cut = len(SYSTEM_PROMPT)
-    assert rendered.text.startswith(SYSTEM_PROMPT)
-    return Rendered(rendered.text[cut:], [(a - cut, b - cut) for a, b in rendered.answers])
+    return rendered if system_prompt else without_system_prompt(rendered)
 
 
 def chance(drawn: dict, qtype: str) -> float:

@@ -59,7 +59,7 @@ def dialogue(rng: random.Random, most: int, turns: int, describe: float = 0.0, i
     image goes, rendered by `kdcache.templates.render` as the students' training text is; with chance
     `describe` it opens with the caption prompt answered by the caption itself (copying, which PT asks of
     the LM). Returns the `Rendered` text and answer spans."""
-    from kdcache.templates import GPT, HUMAN, render
+    from kdcache.templates import GPT, HUMAN
     from kdcache.toy import data as toy_data
 
     while True:
@@ -68,6 +68,15 @@ def dialogue(rng: random.Random, most: int, turns: int, describe: float = 0.0, i
             break
     conversation = toy_data._conversations(rng, scene, turns)
     pairs = [(HUMAN if t["from"] == "human" else GPT, t["value"].replace("<image>\n", "")) for t in conversation]
+    return _captioned(rng, scene, pairs, describe)
+
+
+def _captioned(rng: random.Random, scene: dict, pairs: list, describe: float):
+    """`pairs` rendered in the ``qwen2_base`` layout with the scene's caption where the image goes, opened with
+    chance `describe` by the caption prompt answered by the caption."""
+    from kdcache.templates import GPT, HUMAN, render
+    from kdcache.toy import data as toy_data
+
     caption = toy_data.caption(scene)
     if rng.random() < describe:
         pairs = [(HUMAN, toy_data.CAPTION_PROMPT), (GPT, caption), *pairs]
@@ -82,7 +91,7 @@ def binding_dialogue(rng: random.Random, turns: int, describe: float = 0.0, imag
     """A ``qwen2_base`` dialogue of `turns` colour / shape / size questions, each about one object of a
     2-3-object scene picked by its other attributes (binding, which the curriculum of `dialogue` alone did not
     teach the toy teacher's LM; docs/decisions.md, "Visual binding"), the caption where the image goes."""
-    from kdcache.templates import GPT, HUMAN, render
+    from kdcache.templates import GPT, HUMAN
     from kdcache.toy import data as toy_data
 
     scene = toy_data._random_scene(rng, image_size)
@@ -93,11 +102,7 @@ def binding_dialogue(rng: random.Random, turns: int, describe: float = 0.0, imag
         qa = toy_data._ask(rng, scene, rng.choice(BINDING_TYPES))
         if qa:
             pairs += [(HUMAN, qa[0]), (GPT, qa[1])]
-    caption = toy_data.caption(scene)
-    if rng.random() < describe:
-        pairs = [(HUMAN, toy_data.CAPTION_PROMPT), (GPT, caption), *pairs]
-    pairs[0] = (HUMAN, caption + "\n" + pairs[0][1])
-    return render(pairs, template="qwen2_base", has_image=False, eos_token=END_TOKEN)
+    return _captioned(rng, scene, pairs, describe)
 
 
 def _batch(rng: random.Random, plan: LMPlan, step: int) -> list:
@@ -107,11 +112,12 @@ def _batch(rng: random.Random, plan: LMPlan, step: int) -> list:
     else:
         most = max_objects(step, plan.steps) if plan.task == "curriculum" else 3
         batch = [dialogue(rng, most, plan.turns, plan.describe) for _ in range(plan.batch_size)]
-    return batch if plan.system_prompt else [_without_system_prompt(r) for r in batch]
+    return batch if plan.system_prompt else [without_system_prompt(r) for r in batch]
 
 
-def _without_system_prompt(rendered):
-    """`rendered` with the leading system prompt cut off, its answer spans moved with the text."""
+def without_system_prompt(rendered):
+    """`rendered` with the leading system prompt cut off, its answer spans moved with the text (also
+    benchmarks/bench_binding.py)."""
     from kdcache.templates import SYSTEM_PROMPT, Rendered
 
     n = len(SYSTEM_PROMPT)

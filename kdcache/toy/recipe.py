@@ -301,5 +301,5 @@ def _accuracy_bars(ax, report: dict) -> None:
 def small_plan() -> Plan:
     """A plan that exercises every step in seconds (tests)."""
     return replace(Plan(), num_train=24, num_eval=8, batch_size=4, teacher_pt_steps=2, teacher_binding_steps=2,
-                   teacher_sft_steps=2,
-                   teacher_batch_size=4, student_pt_steps=2, student_sft_steps=2, student_dft_steps=2, topk=8)
+                   teacher_sft_steps=2, teacher_batch_size=4, student_pt_steps=2, student_sft_steps=2,
+                   student_dft_steps=2, topk=8)
