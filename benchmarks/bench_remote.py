@@ -1,7 +1,7 @@
 """Training data from a cache URL: samples per second and bytes moved per epoch, from S3 on loopback (moto)
 with a cold and a warm shard cache, against the same cache on local disk.
 
-A cache of LLaVA-shaped synthetic samples (`bench_shards.Synth`: 728 visual rows, ~200 response rows,
+A cache of LLaVA-shaped synthetic samples (`synth.Synth`: 728 visual rows, ~200 response rows,
 k = 64, the relation, an embedded JPEG) is written locally, pushed to moto's S3 server on 127.0.0.1
 (a subprocess, tests/servers.py, which counts the bytes it sends), and read for one epoch through
 the training data path: `CacheDataset` (rows checked, JPEG decoded, SigLIP preprocessing) ->
@@ -36,7 +36,7 @@ import pyarrow as pa
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
-import bench_shards  # noqa: E402
+import synth  # noqa: E402
 import common  # noqa: E402
 from servers import Server  # noqa: E402
 
@@ -64,14 +64,14 @@ def parse_args() -> argparse.Namespace:
 
 def write_cache(cache: Path, samples: int, shard_mb: float) -> dict:
     """`samples` synthetic LLaVA-shaped samples in shards of about `shard_mb` MiB; the manifest."""
-    synth, K = bench_shards.Synth(), bench_shards.K
+    source, K = synth.Synth(), synth.K
     with writer.ShardWriter(cache, rank=0, k_response=K, k_visual=K,
                             shard_size_bytes=int(shard_mb * (1 << 20))) as shard_writer:
         for i in range(samples):
-            shard_writer.write(synth.sample(i))
+            shard_writer.write(source.sample(i))
     writer.write_rank_report(cache, 0, skipped=[])
-    return writer.finalize_cache(cache, {"world_size": 1, "vocab_size": bench_shards.V, "visual_len": bench_shards.L,
-                                         "image_token_id": bench_shards.IMAGE_TOKEN, "images_embedded": True,
+    return writer.finalize_cache(cache, {"world_size": 1, "vocab_size": synth.V, "visual_len": synth.L,
+                                         "image_token_id": synth.IMAGE_TOKEN, "images_embedded": True,
                                          "temperature": {"response": 1.0, "visual": 1.0}})
 
 

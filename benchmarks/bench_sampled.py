@@ -1,6 +1,6 @@
 """Sampled targets (RS-KD, issue 10 item 2) against top-k at LLaVA shapes: bytes per visual row, gradient noise.
 
-Visual rows (vocabulary 151,936; 728 rows per sample) with `bench_shards.Synth`'s value distributions: a row's
+Visual rows (vocabulary 151,936; 728 rows per sample) with `synth.Synth`'s value distributions: a row's
 top-64 probabilities as Synth draws them (top-1 ~ Beta(2, 5), the next 63 falling off as r^-s, s ~ U(1, 2), tail
 mass outside the top-64 ~ U(0.1, 0.5)), and, what Synth leaves unspecified and sampling needs, the tail: ranks
 65 ... V with weights r^-s (the same row's s, continuing its top-k's law), tail token ids from Synth's Zipf token
@@ -34,12 +34,12 @@ import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-from bench_shards import K, L, V, Synth  # noqa: E402
+from synth import K, L, V, Synth  # noqa: E402
 
 from kdcache import codecs, schema  # noqa: E402
 
 PRESETS = ("v1", "lossless", "compact")
-VISUAL_TOP1, VISUAL_TAIL = (2, 5), (0.1, 0.5)       # Synth's visual rows (bench_shards.Synth.sample)
+VISUAL_TOP1, VISUAL_TAIL = (2, 5), (0.1, 0.5)       # Synth's visual rows (synth.Synth.sample)
 
 
 class Rows:
