@@ -3,14 +3,12 @@
 Nothing read from a cache may crash kdcache or reach torch unchecked: each case below rewrites one
 value of one shard (a valid Arrow file, resealed in the manifest) or of the manifest, and the
 reader, `verify_cache` and `kdcache verify` must refuse it in one line naming the shard, the sample
-and the column. A byte-flip fuzz (in a child process, so that a segfault fails the test) checks
-that a corrupt shard is either read back exactly or refused with CacheError, never anything else.
+and the column. The cache is tests/hostile_cache_cases.py's; the byte-flip fuzz of its shards is in
+test_hostile_fuzz.py.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 import shutil
@@ -23,78 +21,22 @@ import pyarrow as pa
 import pytest
 from typer.testing import CliRunner
 
-from kdcache import schema, writer
+from kdcache import schema
 from kdcache.cli import app
 from kdcache.encoding import DecodedBatch
 from kdcache.records import record_batch
 from kdcache.errors import CacheError
 from kdcache.reader import CacheReader
 from kdcache.audit import verify_cache
-from kdcache.writer import COMPRESSION, ShardWriter, finalize_cache, write_rank_report
+from kdcache.writer import COMPRESSION
 
-K_R, K_V = 4, 3
-VOCAB = 1000
-IMAGE_TOKEN = 999
-L = 6                      # visual_len of the synthetic teacher
-START = 2                  # visual_start of image samples
-T = 30
-MAX_LENGTH = 64
-SHARD_0, SHARD_1 = schema.shard_name(0, 0), schema.shard_name(0, 1)
-MANIFEST = {
-    "world_size": 1, "teacher": {"source": "synthetic", "revision": None, "dtype": "float32"},
-    "tokenizer": {"fingerprint": "sha256:synthetic", "class": "Synthetic"},
-    "vocab_size": VOCAB, "image_token_id": IMAGE_TOKEN, "pad_token_id": 0, "eos_token_id": 1,
-    "visual_len": L, "template": "plain", "max_length": MAX_LENGTH,
-    "temperature": {"response": 1.0, "visual": 2.0}, "relation": True, "images_embedded": True,
-    "image_processor": {"size": {"height": 32, "width": 32}},
-}
-
-
-def make_sample(sample_id: str, *, seed: int, image: bool = True, R: int = 5) -> dict:
-    """A sample as the dump writes one: image tokens exactly at [START, START + L), distinct top-k ids."""
-    rng = np.random.default_rng(seed)
-    start, length = (START, L) if image else (0, 0)
-    input_ids = rng.integers(2, IMAGE_TOKEN, size=T)
-    input_ids[start: start + length] = IMAGE_TOKEN
-    image_bytes = rng.bytes(40) if image else None
-
-    def topk(rows: int, k: int):
-        ids = np.array([rng.choice(IMAGE_TOKEN, size=k, replace=False) for _ in range(rows)]).reshape(rows, k)
-        logprobs = -np.sort(rng.uniform(0.05, 6.0, size=(rows, k)), axis=1)
-        return ids, logprobs.astype(np.float32)
-
-    response_ids, response_logprobs = topk(R, K_R)
-    visual_ids, visual_logprobs = topk(length, K_V)
-    return {
-        "sample_id": sample_id, "input_ids": input_ids,
-        "response_rows": np.sort(rng.choice(np.arange(start + length, T - 1), size=R, replace=False)),
-        "visual_start": start, "visual_len": length,
-        "image": image_bytes, "image_sha256": hashlib.sha256(image_bytes).digest() if image else None,
-        "response_topk_ids": response_ids, "response_topk_logprobs": response_logprobs,
-        "visual_topk_ids": visual_ids, "visual_topk_logprobs": visual_logprobs,
-        "relation": rng.uniform(-1, 1, size=schema.relation_size(length)).astype(np.float32) if image else None,
-        "relation_norm": float(rng.uniform(1, 50)) if image else None,
-    }
-
-
-SAMPLES = [make_sample("s0", seed=0), make_sample("s1", seed=1, image=False),
-           make_sample("s2", seed=2), make_sample("s3", seed=3)]
-
-
-def build_cache(cache: Path) -> dict:
-    """Two shards of two samples each (one record batch per shard): [s0, s1 (text-only)], [s2, s3]."""
-    with ShardWriter(cache, k_response=K_R, k_visual=K_V, shard_size_bytes=1, samples_per_batch=2) as writer:
-        for sample in SAMPLES:
-            writer.write(sample)
-    write_rank_report(cache, 0, skipped=[])
-    return finalize_cache(cache, dict(MANIFEST))
+from hostile_cache_cases import (IMAGE_TOKEN, K_R, K_V, L, MAX_LENGTH, SHARD_0, SHARD_1, START, T, VOCAB,
+                                 pristine_cache, read_manifest, reseal, write_manifest)
 
 
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory) -> Path:
-    cache = tmp_path_factory.mktemp("pristine") / "cache"
-    build_cache(cache)
-    return cache
+    return pristine_cache(tmp_path_factory)
 
 
 @pytest.fixture
@@ -104,24 +46,6 @@ def cache(pristine, tmp_path) -> Path:
 
 
 # --- tampering: rewrite a valid Arrow file, reseal the manifest
-
-
-def read_manifest(cache: Path) -> dict:
-    return json.loads((cache / schema.MANIFEST_NAME).read_text())
-
-
-def write_manifest(cache: Path, manifest: dict) -> None:
-    """The manifest and its seal (manifest.sha256), both rewritten, as an attacker would."""
-    writer.write_manifest(cache, manifest)
-
-
-def reseal(cache: Path) -> None:
-    """Recompute every shard's sha256 and size in the manifest, as an attacker would."""
-    manifest = read_manifest(cache)
-    for entry in manifest["shards"]:
-        data = (cache / entry["path"]).read_bytes()
-        entry["num_bytes"], entry["sha256"] = len(data), hashlib.sha256(data).hexdigest()
-    write_manifest(cache, manifest)
 
 
 def tamper(cache: Path, shard: str, sample_id: str, change) -> None:
@@ -454,126 +378,3 @@ def test_a_tokenizer_larger_than_the_teachers_head_is_refused(cache):
     write_manifest(cache, {**read_manifest(cache), "tokenizer_size": VOCAB + 1})
     with pytest.raises(CacheError, match=f"'tokenizer_size' is {VOCAB + 1}, more than vocab_size {VOCAB}"):
         CacheReader(cache)
-
-
-# --- byte-flip fuzz (runs in a child process: a segfault is a non-zero return code, not a dead pytest)
-
-
-def test_a_byte_flipped_shard_reads_back_exactly_or_as_valid_rows_or_is_refused_and_never_crashes(pristine, tmp_path):
-    cache = Path(shutil.copytree(pristine, tmp_path / "cache"))
-    size = (cache / SHARD_0).stat().st_size
-    flips = size if size <= 8000 else 3000
-    child = subprocess.run(
-        [sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); import test_hostile_cache as t; "
-                               "t.fuzz(sys.argv[2], int(sys.argv[3]))",
-         str(Path(__file__).parent), str(cache), str(flips)],
-        capture_output=True, text=True, timeout=300)
-    assert child.returncode == 0, f"fuzz child exited {child.returncode}:\n{child.stdout[-3000:]}\n{child.stderr[-3000:]}"
-    stats = json.loads(child.stdout.strip().splitlines()[-1])
-    print(f"\nbyte-flip fuzz of a {size}-byte shard: {stats}")
-    assert stats["flips"] == flips >= 2000
-    assert stats["identical"] + stats["refused"] + stats["changed_valid"] == flips
-    assert stats["refused"] > 0 and stats["identical"] > 0
-
-
-def fuzz(cache_dir: str, flips: int, seed: int = 0) -> None:
-    """Flip one byte at each of `flips` offsets of shard 0 (every byte when `flips` is its size), reseal
-    the manifest, read every row through a verifying reader. Prints one JSON line of counts; exits 1
-    on any exception other than CacheError, or on a row handed out that breaks an invariant (checked
-    here independently of kdcache.encoding)."""
-    cache = Path(cache_dir)
-    path = cache / SHARD_0
-    original_bytes = path.read_bytes()
-    manifest = read_manifest(cache)
-    original_rows = list(CacheReader(cache, verify=True))
-    rng = np.random.default_rng(seed)
-    offsets = (np.arange(len(original_bytes)) if flips >= len(original_bytes)
-               else np.sort(rng.choice(len(original_bytes), size=flips, replace=False)))
-    masks = rng.integers(1, 256, size=len(offsets))
-    counts = {"flips": 0, "identical": 0, "refused": 0, "changed_valid": 0}
-    problems = []
-    for offset, mask in zip(offsets.tolist(), masks.tolist()):
-        data = bytearray(original_bytes)
-        data[offset] ^= mask
-        tmp = path.with_suffix(".fuzz")
-        tmp.write_bytes(bytes(data))
-        os.replace(tmp, path)                # a new file: no memory map of the old one sees the change
-        manifest["shards"][0]["sha256"] = hashlib.sha256(data).hexdigest()
-        write_manifest(cache, manifest)
-        counts["flips"] += 1
-        try:
-            reader = CacheReader(cache, verify=True, for_training=True)
-            rows = [reader.read_sample(i) for i in range(len(reader))]
-        except CacheError as e:
-            counts["refused"] += 1
-            if "\n" in str(e):
-                problems.append(f"offset {offset}: multi-line CacheError {str(e)!r}")
-            continue
-        except Exception as e:               # noqa: BLE001 - anything else is the failure we look for
-            problems.append(f"offset {offset} ^ {mask:#04x}: {type(e).__name__}: {e}")
-            continue
-        if len(rows) == len(original_rows) and all(same_row(a, b) for a, b in zip(rows, original_rows)):
-            counts["identical"] += 1
-            continue
-        counts["changed_valid"] += 1         # a valid Arrow file with other, still valid, values
-        fault = invariant_fault(rows, manifest)
-        if fault:
-            problems.append(f"offset {offset} ^ {mask:#04x}: handed out an invalid row: {fault}")
-    path.write_bytes(original_bytes)
-    print(json.dumps(counts))
-    if problems:
-        print("\n".join(problems[:50]), file=sys.stderr)
-        sys.exit(1)
-
-
-def same_row(a: dict, b: dict) -> bool:
-    if set(a) != set(b):
-        return False
-    for key, value in a.items():
-        other = b[key]
-        if isinstance(value, np.ndarray):
-            if not (isinstance(other, np.ndarray) and value.dtype == other.dtype and value.shape == other.shape
-                    and value.tobytes() == other.tobytes()):
-                return False
-        elif value != other and not (isinstance(value, float) and math.isnan(value) and math.isnan(other)):
-            return False
-    return True
-
-
-def invariant_fault(rows: list[dict], manifest: dict) -> str | None:
-    """What is wrong with rows a reader handed out, checked row by row in plain Python (None: nothing)."""
-    if len({row["sample_id"] for row in rows}) != len(rows):
-        return "repeated sample ids"
-    vocab, token, visual_len = manifest["vocab_size"], manifest["image_token_id"], manifest["visual_len"]
-    for row in rows:
-        ids, length = row["input_ids"].tolist(), len(row["input_ids"])
-        start, n_visual = row["visual_start"], row["visual_len"]
-        checks = {
-            "sample_id": isinstance(row["sample_id"], str) and row["sample_id"] != "",
-            "length": 0 < length <= manifest["max_length"],
-            "input_ids": all(0 <= i < vocab for i in ids),
-            "span": n_visual in (0, visual_len) and start >= 0 and start + n_visual <= length
-                    and (n_visual > 0 or start == 0),
-            "image tokens": [i for i, x in enumerate(ids) if x == token] == list(range(start, start + n_visual)),
-            "response_rows": all(0 <= a < b for a, b in zip(row["response_rows"].tolist(),
-                                                           row["response_rows"].tolist()[1:] + [length - 1])),
-            "rows per role": row["response_topk_ids"].shape[0] == len(row["response_rows"])
-                             == row["response_topk_logprobs"].shape[0]
-                             and row["visual_topk_ids"].shape[0] == n_visual == row["visual_topk_logprobs"].shape[0],
-            "topk ids": all(len(set(r)) == len(r) and all(0 <= i < vocab for i in r)
-                            for role in ("response", "visual") for r in row[f"{role}_topk_ids"].tolist()),
-            "logprobs": all(not math.isnan(x) and x <= 0 for role in ("response", "visual")
-                            for x in row[f"{role}_topk_logprobs"].astype(np.float32).ravel().tolist()),
-            "relation": (row["relation"] is None and row["relation_norm"] is None and n_visual == 0)
-                        or (row["relation"] is not None and n_visual > 0
-                            and len(row["relation"]) == schema.relation_size(n_visual)
-                            and all(math.isfinite(x) for x in row["relation"].astype(np.float32).tolist())
-                            and math.isfinite(row["relation_norm"]) and row["relation_norm"] >= 0),
-            "image": (row["image"] is None and row["image_sha256"] is None and n_visual == 0)
-                     or (row["image"] is not None and n_visual > 0
-                         and hashlib.sha256(row["image"]).digest() == row["image_sha256"]),
-        }
-        failed = [name for name, ok in checks.items() if not ok]
-        if failed:
-            return f"sample {row['sample_id']!r}: {failed}"
-    return None
