@@ -1,71 +1,48 @@
 """Caches behind URLs (issue 11), against real loopback servers started and stopped here: moto's S3 server
 and the standard library's `http.server` (no Range support), each a subprocess on 127.0.0.1 that counts
-the requests it answers (tests/servers.py). Nothing of the network is mocked."""
+the requests it answers (tests/servers.py). Nothing of the network is mocked. The servers, the cache and
+the helpers: tests/remote_world.py; push, pull, check and a server killed mid-training: test_remote_transfer.py."""
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
-import os
 import shutil
 import socket
-import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 import s3fs
-import torch
-from conftest import write_toy_dataset
-from servers import Server
+from remote_world import (BUCKET, KEY, REPO, SECRET, build_world, cli, http_server, identity_of_cache,
+                          pushed, remote_config, run_train, s3_options, s3_server, shard_gets, the_error)
 from typer.testing import CliRunner
 
-from kdcache import models
 from kdcache.cli import app
 from kdcache.errors import CacheError, KdcacheError
 from kdcache.reader import CacheReader
 from kdcache.audit import verify_cache
 from kdcache.remote import RemoteConfig, parse_storage_options, redacted
-from kdcache.sampler import ResumableSampler
-from kdcache.shardcache import Prefetcher
-from kdcache.transfer import pull_cache, push_cache
-from student_train.config import TrainConfig
-from student_train.train import train
-from teacher_dump.config import DumpConfig
-from teacher_dump.dump import dump
+from kdcache.transfer import pull_cache
 
-REPO = Path(__file__).resolve().parents[1]
-
-BUCKET = "labs"
-KEY, SECRET = "lab-key", "lab-secret"        # moto accepts any credentials
 
 
 @pytest.fixture
 def s3():
-    """moto's S3 server on 127.0.0.1 and a free port, with an empty bucket; stopped at the end."""
-    server = Server.start("s3")
-    try:
-        request = urllib.request.Request(f"{server.url}/{BUCKET}", method="PUT")
-        urllib.request.urlopen(request, timeout=10).read()
-        server.reset()
+    with s3_server() as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
 def http_dir(tmp_path):
-    """A directory served by http.server (no Range support) on 127.0.0.1: (server, directory)."""
-    root = tmp_path / "www"
-    root.mkdir()
-    server = Server.start("http", root)
-    try:
-        yield server, root
-    finally:
-        server.stop()
+    with http_server(tmp_path) as served:
+        yield served
+
+
+@pytest.fixture(scope="module")
+def world(tiny_teacher_dir, tiny_student_dir, tmp_path_factory):
+    return build_world(tiny_teacher_dir, tiny_student_dir, tmp_path_factory)
 
 
 # --- A. the servers themselves
@@ -88,65 +65,6 @@ def test_the_http_server_ignores_range_and_both_servers_count_requests_per_path(
     seen = s3.requests()
     assert seen["counts"][f"PUT /{BUCKET}/a/b.txt"] == 1 and seen["counts"][f"GET /{BUCKET}/a/b.txt"] == 1
     assert seen["bytes"][f"GET /{BUCKET}/a/b.txt"] == 5
-
-
-# --- a cache of 24 samples in 6 shards (4 samples each: 16 in the sampler's first window of 4 shards)
-
-
-@pytest.fixture(scope="module")
-def world(tiny_teacher_dir, tiny_student_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("remote")
-    data, images = write_toy_dataset(root, count=24, text_only=2)
-    dump(DumpConfig(teacher=str(tiny_teacher_dir), data=str(data), images=str(images), out=str(root / "cache"),
-                    device="cpu", dtype="float32", progress=False, topk_response=4, topk_visual=4,
-                    shard_size_mb=1e-6))
-    manifest = json.loads((root / "cache" / "manifest.json").read_text())
-    assert len(manifest["shards"]) == 6
-    return dict(root=root, cache=root / "cache", manifest=manifest, student=tiny_student_dir, data=data,
-                images=images)
-
-
-def s3_options(server: Server) -> tuple[str, ...]:
-    return (f"endpoint_url={server.url}", f"key={KEY}", f"secret={SECRET}")
-
-
-def remote_config(tmp_path, server: Server | None = None, **overrides) -> RemoteConfig:
-    settings = dict(storage_option=s3_options(server) if server is not None and server.kind == "s3" else (),
-                    cache_dir=str(tmp_path / "shard-cache"), net_timeout=5.0, net_retries=1, net_backoff=0.1)
-    return RemoteConfig(**{**settings, **overrides})
-
-
-def shard_gets(server: Server, prefix: str) -> dict[str, int]:
-    counts = server.requests()["counts"]
-    return {key.split("/")[-1]: n for key, n in counts.items() if key.startswith(f"GET {prefix}/shard-")}
-
-
-def pushed(world, s3, tmp_path, url=f"s3://{BUCKET}/kd") -> str:
-    push_cache(world["cache"], url, remote=remote_config(tmp_path / "push", s3), verify=False)
-    s3.reset()
-    return url
-
-
-def run_train(world, out, cache, remote: RemoteConfig, **overrides) -> Path:
-    settings = dict(stage="dpt", batch_size=2, global_batch=2, lr=1e-3, seed=3, device="cpu", num_workers=0,
-                    progress=False, max_steps=2)
-    fields = {f.name: getattr(remote, f.name) for f in dataclasses.fields(RemoteConfig)}
-    return train(TrainConfig(student=str(world["student"]), out=str(out), cache=str(cache),
-                             **{**settings, **fields, **overrides}))
-
-
-def cli(*args, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    environment = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "kdcache.cli", *map(str, args)], cwd=REPO, env=environment,
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def the_error(result) -> str:
-    """The CLI's one error line (stderr holds nothing else but progress bars)."""
-    lines = [line for line in result.stderr.splitlines() if line.strip() and "%|" not in line]
-    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-3000:]
-    return lines[0]
 
 
 # --- B. storage options
@@ -310,10 +228,6 @@ def test_a_plain_http_server_without_range_serves_training_and_verify(world, htt
 # --- E. identity: the manifest's sha256, sealed, pinned, recorded in checkpoints
 
 
-def identity_of_cache(cache: Path) -> str:
-    return "sha256:" + hashlib.sha256((cache / "manifest.json").read_bytes()).hexdigest()
-
-
 def test_verify_catches_an_edited_manifest_and_the_pin_refuses_another_cache(world, tmp_path):
     cache = Path(shutil.copytree(world["cache"], tmp_path / "cache"))
     identity = identity_of_cache(cache)
@@ -353,136 +267,3 @@ def test_checkpoints_record_the_cache_and_a_resume_from_another_cache_is_refused
     (run / "run.json").unlink()                                       # even without the run record
     with pytest.raises(KdcacheError, match="checkpoint .* was taken while training from the cache whose manifest"):
         run_train(world, run, other, remote_config(tmp_path), max_steps=3, resume=True)
-
-
-# --- F. push, pull, check
-
-
-def test_push_uploads_shards_then_seal_then_manifest_resumes_and_refuses_another_cache(world, s3, tmp_path):
-    url = f"s3://{BUCKET}/kd"
-    config = remote_config(tmp_path, s3)
-    identity = push_cache(world["cache"], url, remote=config)                       # then verifies the copy
-    puts = [key for key in s3.requests()["counts"] if key.startswith("PUT ")]
-    assert puts[-2:] == [f"PUT /{BUCKET}/kd/manifest.sha256", f"PUT /{BUCKET}/kd/manifest.json"], puts
-    assert shard_gets(s3, f"/{BUCKET}/kd") == {e["path"]: 1 for e in world["manifest"]["shards"]}  # the check
-    assert identity == identity_of_cache(world["cache"])
-    s3.reset()
-    assert push_cache(world["cache"], url, remote=config, verify=False) == identity    # already there: no upload
-    assert not [key for key in s3.requests()["counts"] if key.startswith("PUT ")]
-    small = tmp_path / "small"
-    pull_cache(world["cache"], small, shards=2)
-    with pytest.raises(KdcacheError, match="already holds another cache"):
-        push_cache(small, url, remote=config)
-
-
-def test_pull_mirrors_or_cuts_a_valid_smaller_cache_and_resumes(world, s3, tmp_path):
-    url = pushed(world, s3, tmp_path)
-    config = remote_config(tmp_path, s3)
-    mirror = tmp_path / "mirror"
-    assert pull_cache(url, mirror, remote=config)["num_samples"] == 24
-    assert identity_of_cache(mirror) == identity_of_cache(world["cache"]) and verify_cache(mirror) == []
-    part = tmp_path / "part"
-    manifest = pull_cache(url, part, remote=config, samples=10)                      # 4 + 4 + 2 of the third
-    assert manifest["num_samples"] == 10 and [e["num_samples"] for e in manifest["shards"]] == [4, 4, 2]
-    assert manifest["origin"] == {"url": url, "manifest_sha256": identity_of_cache(world["cache"]),
-                                  "num_samples": 24, "shards": 6}
-    assert verify_cache(part) == [] and len(CacheReader(part, for_training=True)) == 10
-    ids = [CacheReader(part).read_sample(i)["sample_id"] for i in range(10)]
-    assert ids == [CacheReader(world["cache"]).read_sample(i)["sample_id"] for i in range(10)]
-
-    resumed = tmp_path / "resumed"                                    # an interrupted pull: 2 shards, one cut short
-    resumed.mkdir()
-    plan = {"origin": url, "manifest_sha256": identity_of_cache(world["cache"]), "shards": 4, "samples": None}
-    (resumed / "_pull.json").write_text(json.dumps(plan))
-    for entry in world["manifest"]["shards"][:2]:
-        shutil.copy(world["cache"] / entry["path"], resumed / entry["path"])
-    (resumed / world["manifest"]["shards"][1]["path"]).write_bytes(b"cut")
-    s3.reset()
-    assert pull_cache(url, resumed, remote=config, shards=4)["num_samples"] == 16
-    first = world["manifest"]["shards"][0]["path"]
-    assert first not in shard_gets(s3, f"/{BUCKET}/kd") and len(shard_gets(s3, f"/{BUCKET}/kd")) == 3
-    assert verify_cache(resumed) == [] and not (resumed / "_pull.json").exists()
-    with pytest.raises(KdcacheError, match="not empty"):
-        pull_cache(url, mirror, remote=config)
-
-
-def test_check_reads_only_the_manifest_and_says_whether_a_student_fits(world, s3, tmp_path):
-    url = pushed(world, s3, tmp_path)
-    flags = [arg for option in s3_options(s3) for arg in ("--storage-option", option)]
-    fits = cli("check", "--student", world["student"], "--cache", url, *flags)
-    assert fits.returncode == 0 and "fits this cache" in fits.stdout, fits.stderr[-3000:]
-    misfit = tmp_path / "misfit"                                      # another image size: other pixels
-    bundle = models.load_bundle(str(world["student"]))
-    bundle.image_processor.size = {"height": 48, "width": 48}
-    models.save_bundle(bundle, misfit, stages=bundle.stages)
-    error = the_error(cli("check", "--student", misfit, "--cache", url, *flags))
-    assert "does not match student" in error and "image processor size" in error
-    counts = s3.requests()["counts"]
-    assert not [key for key in counts if "shard-" in key], counts       # no shard was touched
-
-
-# --- G. the server dies mid-training: one line; once it is back, --resume continues loss for loss
-
-
-def test_a_server_killed_mid_training_is_one_line_and_the_resumed_run_equals_an_uninterrupted_one(
-        world, http_dir, tmp_path):
-    server, root = http_dir
-    shutil.copytree(world["cache"], root / "kd")
-    url = f"{server.url}/kd"
-    settings = dict(batch_size=2, global_batch=2, lr=1e-3, seed=3, save_every=2, max_steps=None)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)                       # as in the subprocesses (OMP_NUM_THREADS=1): same arithmetic
-    try:                                           # the uninterrupted reference, from the local copy
-        run_train(world, tmp_path / "whole", world["cache"], remote_config(tmp_path), **settings)
-    finally:
-        torch.set_num_threads(threads)
-    args = ["train", "--stage", "dpt", "--student", world["student"], "--cache", url, "--out", tmp_path / "run",
-            "--batch-size", "2", "--global-batch", "2", "--lr", "1e-3", "--seed", "3", "--save-every", "2",
-            "--device", "cpu", "--num-workers", "0", "--prefetch-shards", "0", "--cache-dir", tmp_path / "c",
-            "--net-timeout", "2", "--net-retries", "1", "--net-backoff", "0.1", "--no-progress"]
-    environment = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "kdcache.cli", *map(str, args)], cwd=REPO, env=environment,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics, deadline = tmp_path / "run" / "metrics.jsonl", time.time() + 120
-    while not (metrics.exists() and metrics.read_text().count("\n") >= 1) and time.time() < deadline \
-            and proc.poll() is None:
-        time.sleep(0.01)
-    server.stop()                                  # after step 1: later steps need shards not fetched yet
-    stdout, stderr = proc.communicate(timeout=120)
-    error = the_error(subprocess.CompletedProcess(args, proc.returncode, stdout, stderr))
-    assert f"{url}/shard-r000-" in error and "cannot download: cannot connect" in error, error
-    steps_done = metrics.read_text().count("\n")
-    assert 1 <= steps_done < 12 and not (tmp_path / "run" / "final").exists()
-
-    back = server.restart()                        # the same files on the same port
-    try:
-        resumed = cli(*args, "--resume")
-        assert resumed.returncode == 0, resumed.stderr[-3000:]
-    finally:
-        back.stop()
-    expected = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
-    got = [json.loads(line) for line in metrics.read_text().splitlines()]
-    assert [m["step"] for m in got] == list(range(1, 13))
-    for a, b in zip(expected, got):                # CPU, one thread: bit-identical
-        for key in ("loss", "ce", "kl_response", "kl_visual", "relation", "lr", "samples_seen"):
-            assert a[key] == b[key], (a["step"], key, a[key], b[key])
-
-
-def test_the_prefetcher_follows_this_ranks_sampler_order_from_where_the_loader_is(world, http_dir, tmp_path):
-    server, root = http_dir
-    shutil.copytree(world["cache"], root / "kd")
-    reader = CacheReader(f"{server.url}/kd", remote=remote_config(tmp_path))
-    sampler = ResumableSampler([e["num_samples"] for e in reader.shards], seed=5, rank=1, world_size=2, batch_size=2)
-    prefetcher = Prefetcher(reader, sampler, depth=3)              # not started: its choice only
-
-    def next_shards(order: list[int]) -> list[int]:
-        shards = [reader.locate(i)[0] for i in order]
-        return list(dict.fromkeys(shards))[:3]
-
-    assert prefetcher.upcoming() == next_shards(list(sampler))
-    sampler.advance(10)                                            # the loader handed out 10 samples (all ranks)
-    assert prefetcher.upcoming() == next_shards(list(sampler))
-    sampler.advance(sampler.epoch_samples - 10 - 2)                # into the epoch's last step: then the next epoch
-    following = ResumableSampler(sampler.shard_sizes, seed=5, rank=1, world_size=2, batch_size=2)
-    following.set_epoch(1)
-    assert prefetcher.upcoming() == next_shards(list(sampler) + list(following))
