@@ -103,3 +103,21 @@ def test_quickstart_can_train_its_teacher_from_the_stored_text_pretrained_lm(tmp
     init = load_bundle(str(tmp_path / "qs" / "runs" / "teacher-init")).model.state_dict()
     stored = load_toy("toy-teacher", start="teacher-lm").model.state_dict()
     assert all(torch.equal(v, stored[k]) for k, v in init.items())
+
+
+@pytest.mark.parametrize("captions", [True, False])
+def test_the_teachers_last_sft_takes_the_captions_only_with_teacher_captions(tmp_path, captions):
+    from dataclasses import replace
+
+    import yaml
+
+    from kdcache.toy.recipe import Recipe, _pretrained_teacher
+
+    recipe = Recipe(tmp_path, plan=replace(small_plan(), teacher_captions=captions, teacher_binding_steps=0),
+                    progress=False)
+    recipe.data()
+    final = recipe.teacher(_pretrained_teacher(tmp_path, False))
+    config = yaml.safe_load((tmp_path / "runs" / "teacher-sft" / "config.yaml").read_text())
+    assert final == str(tmp_path / "runs" / "teacher-sft" / "final")
+    assert config["data"] == str(recipe.world["teacher" if captions else "train"])
+    assert not (tmp_path / "runs" / "teacher-binding").exists()

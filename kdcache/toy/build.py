@@ -5,7 +5,7 @@
     teacher-lm   toy-teacher's LM, the same way                                                 -> teacher-lm
     teacher      teacher-lm joined to the tower, then PT (projector only, captions), SFT on the
                  questions about 2-3-object scenes (`teacher_binding_steps`, 0 in the stored plan)
-                 and SFT on the questions and captions, through `kdcache train` on the toy data
+                 and SFT on the questions and captions (or the questions only: `teacher_captions`), through `kdcache train` on the toy data
                  of seed `teacher_data_seed` (not a quickstart seed), evaluated on its held-out
                  split                                                                            -> teacher
 
@@ -42,6 +42,7 @@ class BuildPlan:
     teacher_pt_steps: int = 200
     teacher_binding_steps: int = 0    # SFT on the scenes of 2-3 objects before the last SFT (Recipe.teacher)
     teacher_sft_steps: int = 1000
+    teacher_captions: bool = True     # the last SFT on the questions and the captions; False: the questions only
     teacher_batch_size: int = 32
     lr_pt: float = 2e-3
     lr_sft: float = 1e-3
@@ -139,6 +140,7 @@ def _train_teacher(out: Path, tmp: Path, plan: BuildPlan, progress: bool):
                                       teacher_pt_steps=plan.teacher_pt_steps,
                                       teacher_binding_steps=plan.teacher_binding_steps,
                                       teacher_sft_steps=plan.teacher_sft_steps,
+                                      teacher_captions=plan.teacher_captions,
                                       teacher_batch_size=plan.teacher_batch_size, lr_pt=plan.lr_pt,
                                       lr_ft=plan.lr_sft),
                     seed=plan.teacher_data_seed, progress=progress)

@@ -37,6 +37,7 @@ class Plan:
     teacher_pt_steps: int = BuildPlan.teacher_pt_steps       # --train-teacher only: the stored teacher's steps
     teacher_binding_steps: int = BuildPlan.teacher_binding_steps
     teacher_sft_steps: int = BuildPlan.teacher_sft_steps
+    teacher_captions: bool = BuildPlan.teacher_captions
     teacher_batch_size: int = BuildPlan.teacher_batch_size
     student_pt_steps: int = 60
     student_sft_steps: int = 150
@@ -98,8 +99,8 @@ class Recipe:
         """Checkpoint `init` (a text-pretrained teacher, fresh projector) trained PT (captions), then SFT on the
         questions about scenes of two or more objects (`teacher_binding_steps`; where binding attributes to
         objects over the image tokens is learned, docs/decisions.md "Visual binding"), then SFT on all the
-        questions and the captions (without the captions the teacher forgets them, and the students' DPT
-        follows it away from them), with the students' trainer."""
+        questions and, with `teacher_captions`, the captions (without them the teacher forgets the captions,
+        and the students' DPT follows it away from them), with the students' trainer."""
         world, plan = self.world, self.plan
         images = str(world["images_dir"])
         batch = plan.teacher_batch_size
@@ -109,8 +110,9 @@ class Recipe:
             several = toy_data.several_objects(world["train"], world["out_dir"] / "several.json")
             model = self.train("teacher-binding", "sft", model, plan.teacher_binding_steps, batch_size=batch,
                                data=str(several), images=images)
+        last = world["teacher"] if plan.teacher_captions else world["train"]       # questions (+ captions)
         return self.train("teacher-sft", "sft", model, plan.teacher_sft_steps, batch_size=batch,
-                          data=str(world["teacher"]), images=images)
+                          data=str(last), images=images)
 
     def dump(self, teacher: str, *, codec: str = "lossless", into: str = "caches",
              visual_targets: str = "topk") -> dict[str, str]:
