@@ -239,7 +239,7 @@ def test_final_hidden_states_times_lm_head_equals_the_model_logits(text):
     torch.testing.assert_close(text_only, hidden[2:, :3])
 
 
-def test_toy_presets_share_tokenizer_and_tower_and_the_teacher_is_several_times_larger():
+def test_toy_presets_share_tokenizer_tower_and_lm_shape_and_only_the_teacher_is_trained():
     teacher, student = models.load_bundle("toy-teacher"), models.load_bundle("toy-student")
     assert models.tokenizer_fingerprint(teacher.tokenizer) == models.tokenizer_fingerprint(student.tokenizer)
     assert models.visual_len_of(teacher.model.config) == models.visual_len_of(student.model.config) == 15
@@ -247,8 +247,10 @@ def test_toy_presets_share_tokenizer_and_tower_and_the_teacher_is_several_times_
     assert all(torch.equal(towers[0][k], towers[1][k]) for k in towers[0])
     again = models.load_bundle("toy-teacher").model.state_dict()
     assert all(torch.equal(v, again[k]) for k, v in teacher.model.state_dict().items())
-    size = lambda b: sum(p.numel() for p in b.model.model.language_model.parameters())  # noqa: E731
-    assert size(teacher) > 4 * size(student)
+    # the toy teacher is stronger by its training, not its size (kdcache/toy/models.py)
+    assert teacher.model.config.text_config.to_dict() == student.model.config.text_config.to_dict()
+    lms = teacher.model.model.language_model.state_dict(), student.model.model.language_model.state_dict()
+    assert not all(torch.equal(lms[0][k], lms[1][k]) for k in lms[0])
     assert teacher.projector_trained and not student.projector_trained and teacher.source == "toy-teacher"
 
 

@@ -4,8 +4,8 @@
     student-lm   toy-student's LM, text-only `pretrain.pretrain_lm`                              -> student-lm
     teacher-lm   toy-teacher's LM, the same way                                                 -> teacher-lm
     teacher      teacher-lm joined to the tower, then PT (projector only, captions), SFT on the
-                 questions about 2-3-object scenes (`teacher_binding_steps`, 0 in the stored plan)
-                 and SFT on the questions and captions (or the questions only: `teacher_captions`), through `kdcache train` on the toy data
+                 questions about 2-3-object scenes (`teacher_binding_steps`) and SFT on the
+                 questions (and the captions with `teacher_captions`), through `kdcache train` on the toy data
                  of seed `teacher_data_seed` (not a quickstart seed), evaluated on its held-out
                  split                                                                            -> teacher
 
@@ -35,14 +35,18 @@ STEPS = ("tower", "student-lm", "teacher-lm", "teacher")
 class BuildPlan:
     tower: TowerPlan = TowerPlan()
     student_lm: tuple[LMPlan, ...] = (LMPlan(),)      # phases, each from the float16 weights of the one before
-    teacher_lm: tuple[LMPlan, ...] = (LMPlan(),)
+    # The teacher's LM binds attributes to objects in text (docs/decisions.md, "Visual binding"): binding
+    # dialogues from the stream "bindtrain" without the system prompt, then 800 steps of scene dialogues.
+    teacher_lm: tuple[LMPlan, ...] = (
+        LMPlan(task="binding", decay=False, describe=0.0, stream="bindtrain", system_prompt=False),
+        LMPlan(steps=800, lr=5e-4, task="scenes", decay=False, stream="contC"))
     teacher_data_seed: int = 100
     teacher_num_train: int = 10000
-    teacher_turns: int | None = None  # questions per training scene (toy_data.generate); None: 1-3 at random
+    teacher_turns: int | None = 5     # questions per training scene (toy_data.generate); None: 1-3 at random
     teacher_pt_steps: int = 200
-    teacher_binding_steps: int = 0    # SFT on the scenes of 2-3 objects before the last SFT (Recipe.teacher)
-    teacher_sft_steps: int = 1000
-    teacher_captions: bool = True     # the last SFT on the questions and the captions; False: the questions only
+    teacher_binding_steps: int = 3000  # SFT on the scenes of 2-3 objects before the last SFT (Recipe.teacher)
+    teacher_sft_steps: int = 1500
+    teacher_captions: bool = False    # the last SFT on the questions and the captions; False: the questions only
     teacher_batch_size: int = 32
     lr_pt: float = 2e-3
     lr_sft: float = 1e-3
