@@ -115,9 +115,9 @@ class Recipe:
                           data=str(last), images=images)
 
     def dump(self, teacher: str, *, codec: str = "lossless", into: str = "caches",
-             visual_targets: str = "topk") -> dict[str, str]:
-        """Two caches through `kdcache dump --codec codec --visual-targets visual_targets` under out/INTO:
-        captions (plain), questions (qwen2_base)."""
+             visual_targets: str = "topk", temperature: float = 1.0) -> dict[str, str]:
+        """Two caches through `kdcache dump --codec codec --visual-targets visual_targets --temperature
+        temperature` under out/INTO: captions (plain), questions (qwen2_base)."""
         from teacher_dump.config import DumpConfig
         from teacher_dump.dump import dump
 
@@ -127,7 +127,8 @@ class Recipe:
             cfg = DumpConfig(teacher=teacher, data=str(source), images=str(self.world["images_dir"]),
                              out=str(self.out / into / name), template=template, topk_response=self.plan.topk,
                              topk_visual=self.plan.topk, batch_size=32, device="cpu", dtype="float32",
-                             progress=self.progress, codec=codec, visual_targets=visual_targets)
+                             progress=self.progress, codec=codec, visual_targets=visual_targets,
+                             temperature_response=temperature, temperature_visual=temperature)
             label = f"dump-{name}" if into == "caches" else f"dump-{into}-{name}"
             manifest = self.timed(label, dump, cfg)
             self.cache_bytes[name if into == "caches" else f"{into}/{name}"] = manifest["stats"]["num_bytes"]
