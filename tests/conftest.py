@@ -170,3 +170,32 @@ def jobs(monkeypatch):
         setattr(stub, name, lambda cfg, name=name: seen.setdefault(name, cfg) and None)
         monkeypatch.setitem(sys.modules, module, stub)
     return seen
+
+
+# --- caches behind URLs (test_remote.py, test_remote_transfer.py; servers and helpers in tests/remote_world.py)
+
+
+@pytest.fixture
+def s3():
+    """moto's S3 server on 127.0.0.1 with an empty bucket; stopped at the end."""
+    from remote_world import s3_server
+
+    with s3_server() as server:
+        yield server
+
+
+@pytest.fixture
+def http_dir(tmp_path):
+    """A directory served by http.server (no Range support) on 127.0.0.1: (server, directory)."""
+    from remote_world import http_server
+
+    with http_server(tmp_path) as served:
+        yield served
+
+
+@pytest.fixture(scope="module")
+def remote_cache(tiny_teacher_dir, tiny_student_dir, tmp_path_factory):
+    """The 24-sample cache of the tiny teacher in 6 shards, with its dataset and the tiny student (a dict)."""
+    from remote_world import build_world
+
+    return build_world(tiny_teacher_dir, tiny_student_dir, tmp_path_factory)
