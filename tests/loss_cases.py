@@ -1,5 +1,6 @@
-"""Shared inputs of the loss tests (test_losses.py, test_losses_bf16.py): random logits, a teacher's top-k
-as the dump stores it, a two-sample batch with response, visual and relation targets."""
+"""Shared inputs of the loss tests (test_losses.py, test_losses_bf16.py, test_losses_padded.py): random
+logits, a teacher's top-k as the dump stores it, a two-sample batch with response, visual and relation
+targets."""
 
 import torch
 
