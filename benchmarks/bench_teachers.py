@@ -1,11 +1,12 @@
 """Which teacher and which student budget make distillation help: the quickstart over several seeds, one teacher.
 
-    python benchmarks/bench_teachers.py [--teacher toy-teacher] [--seeds 20 21 22 23 24 25] [--sft 50 --dft 250]
+    python benchmarks/bench_teachers.py [--teacher toy-teacher] [--seeds 20 21 22 23 24 25] [--pt 60]
+                                        [--sft 50 --dft 250]
                                         [--temperature 1] [--alpha 1 --beta 1 --gamma 0.5] [--out DIR]
 
 For each seed, `kdcache quickstart --seed S`'s recipe (`kdcache.toy.recipe`: data of that seed, the two caches
-dumped from `--teacher` (a checkpoint directory or a preset) at `--temperature`, the baseline student PT 60 ->
-SFT (`--sft` + `--dft` steps) and the distilled one DPT 60 -> SFT `--sft` -> DFT `--dft` with the KD weights
+dumped from `--teacher` (a checkpoint directory or a preset) at `--temperature`, the baseline student PT `--pt` ->
+SFT (`--sft` + `--dft` steps) and the distilled one DPT `--pt` -> SFT `--sft` -> DFT `--dft` with the KD weights
 `--alpha` / `--beta` / `--gamma`, all evaluated on the seed's held-out split). Unlike bench_recipe.py (one data
 seed, student seeds) the seed here sets everything, as the quickstart's does. The teacher's targets are
 described by their mean entropy at response rows (nats, top-k plus the tail bucket) and the share of rows
@@ -32,6 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", default="toy-teacher", help="checkpoint directory or preset")
     parser.add_argument("--seeds", type=int, nargs="+", default=[20, 21, 22, 23, 24, 25])
+    parser.add_argument("--pt", type=int, default=Plan.student_pt_steps, help="both students' PT / DPT steps")
     parser.add_argument("--sft", type=int, default=Plan.student_sft_steps, help="the distilled student's SFT steps")
     parser.add_argument("--dft", type=int, default=Plan.student_dft_steps, help="its DFT steps")
     parser.add_argument("--temperature", type=float, default=1.0, help="the dump's softmax temperature (both roles)")
@@ -58,7 +60,7 @@ def target_sharpness(cache: str, limit: int = 400) -> dict:
 
 def one_seed(args: argparse.Namespace, seed: int, base: Plan = Plan()) -> dict:
     """The recipe of `seed` with `base`'s sizes (the quickstart's) and the arguments' student split and KD settings."""
-    plan = replace(base, student_sft_steps=args.sft, student_dft_steps=args.dft)
+    plan = replace(base, student_pt_steps=args.pt, student_sft_steps=args.sft, student_dft_steps=args.dft)
     recipe = Recipe(Path(args.out) / f"seed{seed}", plan=plan, seed=seed, progress=False)
     recipe.data()
     caches = recipe.dump(args.teacher, temperature=args.temperature)

@@ -40,14 +40,14 @@ def test_target_sharpness_is_the_entropy_of_top_k_plus_tail_and_the_confident_sh
 
 
 def test_one_seed_dumps_at_the_temperature_and_distils_with_the_weights(tmp_path):
-    args = bench_teachers.parse_args(["--seeds", "1", "--sft", "2", "--dft", "3", "--temperature", "2", "--alpha",
+    args = bench_teachers.parse_args(["--seeds", "1", "--pt", "2", "--sft", "2", "--dft", "3", "--temperature", "2", "--alpha",
                                       "4", "--beta", "0.5", "--gamma", "0", "--out", str(tmp_path)])
     row = bench_teachers.one_seed(args, 1, base=small_plan())
     assert row["seed"] == 1 and set(row) >= {"teacher", "baseline", "distilled", "gain", "paired_se", "targets"}
     runs = tmp_path / "seed1" / "runs"
     steps = {run: len((runs / run / "metrics.jsonl").read_text().splitlines())
-             for run in ("baseline-sft", "distilled-sft", "distilled-dft")}
-    assert steps == {"baseline-sft": 5, "distilled-sft": 2, "distilled-dft": 3}
+             for run in ("baseline-pt", "baseline-sft", "distilled-dpt", "distilled-sft", "distilled-dft")}
+    assert steps == {"baseline-pt": 2, "baseline-sft": 5, "distilled-dpt": 2, "distilled-sft": 2, "distilled-dft": 3}
     for run in ("distilled-dpt", "distilled-dft"):
         config = yaml.safe_load((runs / run / "config.yaml").read_text())
         assert (config["alpha"], config["beta"], config["gamma"]) == (4.0, 0.5, 0.0)
