@@ -29,15 +29,10 @@ from kdcache.writer import completed_sample_ids
 from teacher_dump import dump as dump_module
 from teacher_dump import forward, prepare
 from teacher_dump.config import DumpConfig
-from teacher_dump.dump import dump
+
+from train_runs import run_dump
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def run_dump(teacher, data, images, out, **overrides) -> dict:
-    cfg = DumpConfig(teacher=str(teacher), data=str(data), images=str(images), out=str(out), device="cpu",
-                     dtype="float32", progress=False, **overrides)
-    return dump(cfg)
 
 
 def by_id(cache) -> dict[str, dict]:

@@ -19,16 +19,10 @@ from kdcache.errors import CacheError, KdcacheError
 from kdcache.reader import CacheReader
 from kdcache.audit import describe_cache
 from kdcache.writer import completed_sample_ids, merged_fidelity, write_manifest
-from teacher_dump.config import DumpConfig
-from teacher_dump.dump import dump
+
+from train_runs import run_dump
 
 NO_TAIL = 1e-6       # the loss's threshold below which a row has no tail outcome (kdcache.losses.NO_TAIL)
-
-
-def run_dump(teacher, data, images, out, **overrides) -> dict:
-    cfg = DumpConfig(teacher=str(teacher), data=str(data), images=str(images), out=str(out), device="cpu",
-                     dtype="float32", progress=False, **overrides)
-    return dump(cfg)
 
 
 def reference_logits(teacher_dir, images, record, stored) -> np.ndarray:

@@ -29,7 +29,8 @@ from kdcache.writer import completed_sample_ids
 from student_train.config import TrainConfig
 from student_train.train import train
 from teacher_dump.config import DumpConfig
-from teacher_dump.dump import dump
+
+from train_runs import run_dump
 
 V, ROWS, DRAWS, SAMPLINGS = 50, 4, 4, 20_000
 Z_LIMIT = 5.0        # standard errors
@@ -202,12 +203,6 @@ def test_the_sampler_draws_from_the_full_distribution_in_the_caches_order():
 
 
 # --- the dump, read back, trained, resumed, inspected
-
-
-def run_dump(teacher, data, images, out, **overrides) -> dict:
-    cfg = DumpConfig(teacher=str(teacher), data=str(data), images=str(images), out=str(out), device="cpu",
-                     dtype="float32", progress=False, **overrides)
-    return dump(cfg)
 
 
 SAMPLED = dict(visual_targets="sampled", draws=8, topk_response=6, seed=3)

@@ -1,4 +1,5 @@
-"""A dump and a training stage on the CPU with the tests' settings (test_train.py, test_train_precision.py)."""
+"""A dump and a training stage on the CPU with the tests' settings (test_train.py, test_train_precision.py,
+test_dump.py, test_fidelity.py, test_sampled.py)."""
 
 from __future__ import annotations
 
