@@ -38,34 +38,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from kdcache.templates import END_TOKEN, GPT, HUMAN, SYSTEM_PROMPT, Rendered, render  # noqa: E402
 from kdcache.toy import data as toy_data  # noqa: E402
-from kdcache.toy.pretrain import train_step, without_system_prompt  # noqa: E402
-
-QTYPES = ("color", "shape", "size")          # the attribute questions: each names an object by other attributes
-
-
-def scene(rng: random.Random) -> dict:
-    """A toy scene of 2-3 objects (one-object scenes need no binding)."""
-    while True:
-        drawn = toy_data._random_scene(rng, 64)
-        if len(drawn["objects"]) >= 2:
-            return drawn
-
-
-def question(rng: random.Random, drawn: dict) -> tuple[str, str, str]:
-    """(question, answer, qtype): an attribute question with a unique answer."""
-    while True:
-        qtype = rng.choice(QTYPES)
-        qa = toy_data._ask(rng, drawn, qtype)
-        if qa is not None:
-            return qa[0], qa[1], qtype
-
+from kdcache.toy.pretrain import binding_question, binding_scene, train_step, without_system_prompt  # noqa: E402
 
 def dialogue(rng: random.Random, turns: int, system_prompt: bool) -> Rendered:
     """Caption, then `turns` attribute questions and answers, in the qwen2_base layout (as `pretrain.dialogue`)."""
-    drawn = scene(rng)
+    drawn = binding_scene(rng)
     pairs = []
     for _ in range(turns):
-        q, a, _ = question(rng, drawn)
+        q, a, _ = binding_question(rng, drawn)
         pairs += [(HUMAN, q), (GPT, a)]
     pairs[0] = (HUMAN, toy_data.caption(drawn) + "\n" + pairs[0][1])
     rendered = render(pairs, template="qwen2_base", has_image=False, eos_token=END_TOKEN)
@@ -81,8 +61,8 @@ def probe_set(n: int) -> list[tuple[dict, str, str, str]]:
     rng = random.Random("bench-binding-probe")      # held out: the training stream has another seed
     out = []
     for _ in range(n):
-        drawn = scene(rng)
-        out.append((drawn, *question(rng, drawn)))
+        drawn = binding_scene(rng)
+        out.append((drawn, *binding_question(rng, drawn)))
     return out
 
 

@@ -15,7 +15,7 @@ import bench_binding  # noqa: E402
 
 from kdcache.templates import SYSTEM_PROMPT  # noqa: E402
 from kdcache.toy.models import build_toy_tokenizer  # noqa: E402
-from kdcache.toy.pretrain import _labels  # noqa: E402
+from kdcache.toy.pretrain import BINDING_TYPES, _labels  # noqa: E402
 
 
 def _scene(*colors):
@@ -43,7 +43,7 @@ def test_probes_are_attribute_questions_about_several_objects_and_fixed():
     probes = bench_binding.probe_set(50)
     assert probes == bench_binding.probe_set(50)
     for scene, question, answer, qtype in probes:
-        assert len(scene["objects"]) >= 2 and qtype in bench_binding.QTYPES
+        assert len(scene["objects"]) >= 2 and qtype in BINDING_TYPES
         assert answer in {o[qtype] for o in scene["objects"]} and question.endswith("?")
 
 

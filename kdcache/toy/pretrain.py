@@ -84,24 +84,42 @@ def _captioned(rng: random.Random, scene: dict, pairs: list, describe: float):
     return render(pairs, template="qwen2_base", has_image=False, eos_token=END_TOKEN)
 
 
-BINDING_TYPES = ("color", "shape", "size")
+BINDING_TYPES = ("color", "shape", "size")     # the attribute questions: each names an object by other attributes
 
 
-def binding_dialogue(rng: random.Random, turns: int, describe: float = 0.0, image_size: int = 64):
-    """A ``qwen2_base`` dialogue of `turns` colour / shape / size questions, each about one object of a
-    2-3-object scene picked by its other attributes (binding, which the curriculum of `dialogue` alone did not
-    teach the toy teacher's LM; docs/decisions.md, "Visual binding"), the caption where the image goes."""
-    from kdcache.templates import GPT, HUMAN
+def binding_scene(rng: random.Random, image_size: int = 64) -> dict:
+    """A toy scene of 2-3 objects (one-object scenes need no binding), redrawn until it has them."""
     from kdcache.toy import data as toy_data
 
     scene = toy_data._random_scene(rng, image_size)
     while len(scene["objects"]) < 2:
         scene = toy_data._random_scene(rng, image_size)
-    pairs = []
-    while len(pairs) < 2 * turns:
-        qa = toy_data._ask(rng, scene, rng.choice(BINDING_TYPES))
+    return scene
+
+
+def binding_question(rng: random.Random, scene: dict) -> tuple[str, str, str]:
+    """(question, answer, qtype): a colour / shape / size question about one object of `scene`, picked by its
+    other attributes, with a unique answer (types redrawn until one has)."""
+    from kdcache.toy import data as toy_data
+
+    while True:
+        qtype = rng.choice(BINDING_TYPES)
+        qa = toy_data._ask(rng, scene, qtype)
         if qa:
-            pairs += [(HUMAN, qa[0]), (GPT, qa[1])]
+            return qa[0], qa[1], qtype
+
+
+def binding_dialogue(rng: random.Random, turns: int, describe: float = 0.0, image_size: int = 64):
+    """A ``qwen2_base`` dialogue of `turns` `binding_question`s about a `binding_scene` (binding, which the
+    curriculum of `dialogue` alone did not teach the toy teacher's LM; docs/decisions.md, "Visual binding"),
+    the caption where the image goes."""
+    from kdcache.templates import GPT, HUMAN
+
+    scene = binding_scene(rng, image_size)
+    pairs = []
+    for _ in range(turns):
+        question, answer, _ = binding_question(rng, scene)
+        pairs += [(HUMAN, question), (GPT, answer)]
     return _captioned(rng, scene, pairs, describe)
 
 
