@@ -18,15 +18,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
+import statistics
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from kdcache.reader import CacheReader  # noqa: E402
-from kdcache.toy.recipe import Plan, Recipe, paired_gain  # noqa: E402
+from kdcache.reader import CacheReader
+from kdcache.toy.recipe import Plan, Recipe, paired_gain
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -52,7 +52,7 @@ def target_sharpness(cache: str, limit: int = 400) -> dict:
         logp = reader.read_sample(i)["response_topk_logprobs"].astype(np.float64)
         p = np.exp(logp)                                                   # -inf (underflow) -> probability 0
         tail = np.clip(1.0 - p.sum(-1), 1e-12, None)
-        entropy.append(-np.where(p > 0, p * np.where(p > 0, logp, 0.0), 0.0).sum(-1) - tail * np.log(tail))
+        entropy.append(-(p * np.where(p > 0, logp, 0.0)).sum(-1) - tail * np.log(tail))
         top1.append(p.max(-1))
     entropy, top1 = np.concatenate(entropy), np.concatenate(top1)
     return {"entropy_nats": round(float(entropy.mean()), 3), "top1_over_0.99": round(float((top1 > 0.99).mean()), 3)}
@@ -64,14 +64,8 @@ def one_seed(args: argparse.Namespace, seed: int, base: Plan = Plan()) -> dict:
     recipe = Recipe(Path(args.out) / f"seed{seed}", plan=plan, seed=seed, progress=False)
     recipe.data()
     caches = recipe.dump(args.teacher, temperature=args.temperature)
-    weights = {"alpha": args.alpha, "beta": args.beta, "gamma": args.gamma}
-    train = recipe.train
-
-    def weighted(name, stage, student, steps, **kwargs):          # the KD weights reach the distilling stages
-        return train(name, stage, student, steps, **(weights if stage in ("dpt", "dft") else {}), **kwargs)
-
-    recipe.train = weighted
-    results = {name: recipe.evaluate(name, recipe.student(scheme, caches, tag=name))
+    kd = {"alpha": args.alpha, "beta": args.beta, "gamma": args.gamma}
+    results = {name: recipe.evaluate(name, recipe.student(scheme, caches, tag=name, kd=kd))
                for name, scheme in (("baseline", "PT-SFT"), ("distilled", "DPT-SFT-DFT"))}
     results["teacher"] = recipe.evaluate("teacher", args.teacher)
     gain = paired_gain(results["baseline"]["correct"], results["distilled"]["correct"])
@@ -90,8 +84,8 @@ def main() -> None:
         print(f"seed {seed}: teacher {r['teacher']:.3f} baseline {r['baseline']:.3f} distilled {r['distilled']:.3f} "
               f"gain {r['gain']:+.3f} ± {r['paired_se']:.3f}; targets {r['targets']}", flush=True)
     gains = [r["gain"] for r in rows]
-    mean = sum(gains) / len(gains)
-    std = math.sqrt(sum((g - mean) ** 2 for g in gains) / (len(gains) - 1)) if len(gains) > 1 else None
+    mean = statistics.mean(gains)
+    std = statistics.stdev(gains) if len(gains) > 1 else None
     print(f"distilled - baseline over {len(gains)} seeds: mean {mean:+.3f}, std {std if std is None else round(std, 3)}, "
           f"min {min(gains):+.3f}")
     print(json.dumps({"benchmark": "bench_teachers", **{k: v for k, v in vars(args).items() if k != "out"},

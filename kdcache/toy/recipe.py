@@ -136,8 +136,10 @@ class Recipe:
             caches[name] = cfg.out
         return caches
 
-    def student(self, scheme: str, caches: dict[str, str], *, tag: str, seed: int | None = None) -> str:
-        """Train toy-student through a scheme's stages (all from the caches); returns the final checkpoint."""
+    def student(self, scheme: str, caches: dict[str, str], *, tag: str, seed: int | None = None,
+                kd: dict | None = None) -> str:
+        """Train toy-student through a scheme's stages (all from the caches); returns the final checkpoint.
+        `kd` (alpha / beta / gamma) goes to the distilling stages' TrainConfig; default: TrainConfig's."""
         plan, model = self.plan, "toy-student"
         stages = SCHEMES[scheme]
         # Every scheme gets the same number of steps: without a DFT stage, SFT runs DFT's steps too.
@@ -146,7 +148,8 @@ class Recipe:
                  "dft": plan.student_dft_steps}
         for stage in stages:
             cache = caches["captions" if stage in ("pt", "dpt") else "questions"]
-            model = self.train(f"{tag}-{stage}", stage, model, steps[stage], seed=seed, cache=cache)
+            weights = (kd or {}) if stage in ("dpt", "dft") else {}
+            model = self.train(f"{tag}-{stage}", stage, model, steps[stage], seed=seed, cache=cache, **weights)
         return model
 
     def evaluate(self, name: str, checkpoint: str) -> dict:
