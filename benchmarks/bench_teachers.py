@@ -86,11 +86,12 @@ def main() -> None:
     gains = [r["gain"] for r in rows]
     mean = statistics.mean(gains)
     std = statistics.stdev(gains) if len(gains) > 1 else None
-    print(f"distilled - baseline over {len(gains)} seeds: mean {mean:+.3f}, std {std if std is None else round(std, 3)}, "
-          f"min {min(gains):+.3f}")
+    std_text = "n/a" if std is None else f"{std:.3f}"
+    print(f"distilled - baseline over {len(gains)} seeds: mean {mean:+.3f}, std {std_text}, min {min(gains):+.3f}")
     print(json.dumps({"benchmark": "bench_teachers", **{k: v for k, v in vars(args).items() if k != "out"},
                       "gain_mean": round(mean, 4), "gain_std": std if std is None else round(std, 4),
-                      "gain_min": min(gains), "seeds_detail": rows, "seconds": round(time.perf_counter() - started, 1)}))
+                      "gain_min": min(gains), "seeds_detail": rows,
+                      "seconds": round(time.perf_counter() - started, 1)}))
 
 
 if __name__ == "__main__":
