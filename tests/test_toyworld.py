@@ -66,6 +66,18 @@ def test_same_seed_writes_identical_files(tmp_path):
     assert _hashes(tmp_path / "a") == _hashes(tmp_path / "b")
 
 
+def test_a_larger_eval_split_extends_the_smaller_and_keeps_the_train_files(tmp_path):
+    # The quickstart's 1,000 held-out scenes begin with the 200 it used before, and the students train on
+    # the same files, so enlarging the split changes the measurement, not what is measured.
+    for name, num_eval in (("small", 10), ("large", 25)):
+        toy_data.generate(tmp_path / name, num_train=20, num_eval=num_eval, seed=3)
+    small, large = _hashes(tmp_path / "small"), _hashes(tmp_path / "large")
+    assert [k for k, v in small.items() if large[k] != v] == ["eval.json"]    # train files, every image
+    assert sum(k.startswith("images/eval") for k in large) == 25
+    evals = [json.loads((tmp_path / name / "eval.json").read_text()) for name in ("small", "large")]
+    assert len(evals[0]) == 10 and len(evals[1]) == 25 and evals[1][:10] == evals[0]
+
+
 def test_different_seed_writes_different_files(tmp_path):
     for name, seed in (("a", 0), ("b", 1)):
         toy_data.generate(tmp_path / name, num_train=20, num_eval=10, seed=seed)
